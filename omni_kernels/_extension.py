@@ -1,0 +1,37 @@
+"""Lazy access to the compiled CUDA extension ``omni_kernels._C`` (built from ``csrc/`` when a CUDA toolchain exists).
+
+Nothing here runs at import time: the shared library is loaded on the first CUDA call that asks for it, so
+``import omni_kernels`` works on machines without a GPU or without the extension.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def extension_loaded() -> bool:
+    try:
+        import omni_kernels._C  # noqa: F401  (registers the omni:: ops with the dispatcher)
+    except ImportError:
+        return False
+    _register_fakes()
+    return True
+
+
+@functools.cache
+def has_cuda_op(name: str) -> bool:
+    return extension_loaded() and hasattr(torch.ops.omni, name)
+
+
+def cuda_runs(name: str):
+    """Device predicate for a backend entry: the op exists in the extension and the tensor lives on a GPU."""
+    return lambda device: device.type == "cuda" and has_cuda_op(name)
+
+
+def _register_fakes() -> None:
+    # Ops that write into preallocated outputs return nothing; their fakes only need to exist for tracing.
+    for name in ("rms_norm",):
+        if hasattr(torch.ops.omni, name):
+            torch.library.register_fake(f"omni::{name}")(lambda *args, **kwargs: None)

@@ -1,0 +1,110 @@
+"""Backend selection for every op: the CUDA extension, Triton, or the pure-torch reference.
+
+Each op registers one implementation per backend together with a predicate saying on which devices it runs. A call
+asks the registry for the implementation to use for its input's device:
+
+* the backend forced for that op (``set_backend(name, op=...)``), else the one forced globally
+  (``set_backend(name)`` or the environment variable ``OMNI_KERNELS_BACKEND=cuda|triton|torch``), when it implements
+  the op on that device;
+* otherwise the first of ``cuda``, ``triton``, ``torch`` that does.
+
+The reference (``torch``) runs everywhere, so every op always has an implementation. Selection happens in Python
+before the torch dispatcher, so ``torch.compile`` and CUDA-graph capture see only the chosen kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "OMNI_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    op: str
+    backend: str
+    fn: Callable
+    runs_on: Callable[[torch.device], bool]
+
+
+def _check_backend(name: str | None) -> str | None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+class KernelRegistry:
+    def __init__(self, forced: str | None = None):
+        self._kernels: dict[str, dict[str, Kernel]] = {}
+        self._forced_global = _check_backend(forced)
+        self._forced_per_op: dict[str, str] = {}
+
+    def register(self, op: str, backend: str, runs_on: Callable[[torch.device], bool]):
+        """Decorator: ``fn`` implements ``op`` on ``backend`` for the devices where ``runs_on(device)`` holds."""
+        _check_backend(backend)
+
+        def decorate(fn: Callable) -> Callable:
+            self._kernels.setdefault(op, {})[backend] = Kernel(op, backend, fn, runs_on)
+            return fn
+
+        return decorate
+
+    def set_backend(self, backend: str | None, op: str | None = None) -> None:
+        """Force ``backend`` for ``op`` (or for every op when ``op`` is None); None removes the override."""
+        _check_backend(backend)
+        if op is None:
+            self._forced_global = backend
+        elif backend is None:
+            self._forced_per_op.pop(op, None)
+        else:
+            self._forced_per_op[op] = backend
+
+    def forced(self, op: str) -> str | None:
+        return self._forced_per_op.get(op, self._forced_global)
+
+    def select(self, op: str, device: torch.device) -> Kernel:
+        kernels = self._kernels[op]
+        forced = self.forced(op)
+        order = ((forced,) if forced else ()) + BACKENDS
+        for backend in order:
+            kernel = kernels.get(backend)
+            if kernel is not None and kernel.runs_on(device):
+                return kernel
+        raise RuntimeError(f"no implementation of {op} runs on {device}")  # unreachable: torch runs everywhere
+
+    def ops(self) -> list[str]:
+        return sorted(self._kernels)
+
+    def backends(self, op: str) -> list[str]:
+        return [b for b in BACKENDS if b in self._kernels[op]]
+
+
+REGISTRY = KernelRegistry(forced=os.environ.get(ENV_VAR) or None)
+
+
+def set_backend(backend: str | None, op: str | None = None) -> None:
+    REGISTRY.set_backend(backend, op)
+
+
+def selected_backend(op: str, device: torch.device | str) -> str:
+    return REGISTRY.select(op, torch.device(device)).backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None, op: str | None = None) -> Iterator[None]:
+    """Force a backend inside a ``with`` block (tests use it to run every backend)."""
+    previous = REGISTRY._forced_global if op is None else REGISTRY._forced_per_op.get(op)
+    REGISTRY.set_backend(backend, op)
+    try:
+        yield
+    finally:
+        REGISTRY.set_backend(previous, op)
+
+
+def everywhere(device: torch.device) -> bool:
+    return True

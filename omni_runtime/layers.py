@@ -1,0 +1,103 @@
+"""Building blocks of the Qwen3 decoders (thinker and talker): norm, attention, MoE and dense SwiGLU MLPs.
+
+Parameter names follow the checkpoint's so that the loader maps names one to one (experts fused, see loader.py).
+Shape legend: B batch, T new tokens, S cached tokens, H hidden, D head_dim, E experts, I expert width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import omni_kernels as ok
+from omni_runtime.config import MoeTextConfig
+
+
+@dataclass(slots=True)
+class StepContext:
+    """What every layer needs for one forward step: rotary tables and where the new tokens go in the cache."""
+    cos: torch.Tensor              # [B, T, D]
+    sin: torch.Tensor              # [B, T, D]
+    cache_positions: torch.Tensor  # [T] slots of the new tokens
+    kv_len: int                    # cached tokens after this step, new ones included
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ok.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """GQA attention with per-head q/k RMSNorm and rotary embeddings, over a static KV cache."""
+
+    def __init__(self, cfg: MoeTextConfig):
+        super().__init__()
+        self.head_dim, self.eps = cfg.head_dim, cfg.rms_norm_eps
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)                           # [B, T, Hq, D]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)                           # [B, T, Hkv, D]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        k_cache, v_cache = cache                                                   # [B, Hkv, S_max, D]
+        q = ok.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, ctx.cos, ctx.sin,
+                            k_cache, v_cache, ctx.cache_positions)                 # [B, Hq, T, D]
+        out = ok.attention(q, k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len], self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))  # [E, 2I, H]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))         # [E, H, I]
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: MoeTextConfig):
+        super().__init__()
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)       # router [E, H]
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = ok.fused_moe(x.reshape(-1, x.shape[-1]), self.gate.weight, self.experts.gate_up_proj,
+                           self.experts.down_proj, self.top_k, self.renormalize)
+        return out.view_as(x)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoeTextConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.is_moe_layer(index) else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,39 @@
+"""The thinker's text decoder: embeddings, 48 (released) MoE decoder layers, final norm and an untied LM head.
+
+Shape legend: B batch, T new tokens, H hidden, V vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omni_runtime.config import MoeTextConfig
+from omni_runtime.kv_cache import StaticKVCache
+from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext
+
+
+class ThinkerTextModel(nn.Module):
+    def __init__(self, cfg: MoeTextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x, ctx, cache.layer(index))   # [B, T, H]
+        return self.norm(x)
+
+
+class Thinker(nn.Module):
+    checkpoint_prefix = "thinker."
+
+    def __init__(self, cfg: MoeTextConfig):
+        super().__init__()
+        self.model = ThinkerTextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, ctx: StepContext, cache: StaticKVCache) -> torch.Tensor:
+        """embeds: [B, T, H] -> next-token logits of the last position, fp32 [B, V]."""
+        hidden = self.model(embeds, ctx, cache)
+        return self.lm_head(hidden[:, -1]).float()

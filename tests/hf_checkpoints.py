@@ -1,0 +1,98 @@
+"""Random Qwen3-Omni checkpoints written by transformers, for parity tests and benchmarks.
+
+Only tests and benchmarks import this (it needs transformers). Every config keeps the released model's special ids
+(spec section 2) so that the runtime is exercised with the ids the real checkpoint uses.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+SPEAKERS = {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
+
+
+def omni_config_dict(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    experts: int = 8,
+    top_k: int = 2,
+    moe_intermediate: int = 32,
+    norm_topk_prob: bool = True,
+    mrope_section: tuple[int, int, int] = (4, 2, 2),
+    vocab: int = 152064,
+    max_positions: int = 4096,
+) -> dict:
+    """A small Qwen3-Omni config with the released special ids; the thinker text part is what varies."""
+    text = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section),
+                         "interleaved": True},
+        num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+    )
+    audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
+                 output_dim=hidden, n_window=50, n_window_infer=800, downsample_hidden_size=16)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                  deepstack_visual_indexes=[0, 1], patch_size=16, temporal_patch_size=2, spatial_merge_size=2)
+    thinker = dict(text_config=text, audio_config=audio, vision_config=vision, position_id_per_seconds=13,
+                   audio_token_id=151675, image_token_id=151655, video_token_id=151656,
+                   audio_start_token_id=151669, user_token_id=872, vision_start_token_id=151652)
+    talker_text = dict(vocab_size=3072, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                       norm_topk_prob=True, max_position_embeddings=max_positions,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                        "mrope_section": list(mrope_section), "interleaved": True})
+    code_predictor = dict(vocab_size=2048, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_code_groups=16,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    talker = dict(text_config=talker_text, code_predictor_config=code_predictor, num_code_groups=16,
+                  thinker_hidden_size=hidden, accept_hidden_layer=min(1, layers), codec_eos_token_id=2150,
+                  codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157, codec_pad_id=2148,
+                  codec_bos_id=2149, audio_token_id=151675, image_token_id=151655, video_token_id=151656,
+                  vision_start_token_id=151652, audio_start_token_id=151669, position_id_per_seconds=13,
+                  speaker_id=dict(SPEAKERS), spatial_merge_size=2)
+    code2wav = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                    intermediate_size=64, decoder_dim=64, sliding_window=72)
+    return dict(thinker_config=thinker, talker_config=talker, code2wav_config=code2wav, enable_audio_output=True,
+                im_start_token_id=151644, im_end_token_id=151645, tts_pad_token_id=151671,
+                tts_bos_token_id=151672, tts_eos_token_id=151673, system_token_id=8948, user_token_id=872,
+                assistant_token_id=77091)
+
+
+def build_reference_model(config: dict, seed: int = 0):
+    """A randomly initialised transformers Qwen3-Omni, with what its own init leaves garbage re-initialised."""
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf_config = Qwen3OmniMoeConfig(**copy.deepcopy(config))
+    model = Qwen3OmniMoeForConditionalGeneration(hf_config).eval()
+    _reinit_talker_moe(model, seed)
+    return model
+
+
+def _reinit_talker_moe(model, seed: int) -> None:
+    # Spec pitfall 1: the talker's experts are torch.empty and its router zeros after the reference's own init.
+    generator = torch.Generator().manual_seed(seed + 1)
+    std = model.config.talker_config.text_config.initializer_range
+    with torch.no_grad():
+        for name, param in model.talker.named_parameters():
+            if ".mlp.experts." in name or name.endswith("mlp.gate.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def save_reference_checkpoint(path: Path, config: dict | None = None, seed: int = 0,
+                              max_shard_size: str | None = None):
+    """Build a random reference model and write it the way the released checkpoint is laid out on disk."""
+    model = build_reference_model(config or omni_config_dict(), seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
