@@ -110,6 +110,8 @@ class OmniConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> OmniConfig:
         path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint folder {path} does not exist")
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")

@@ -25,6 +25,7 @@ def omni_config_dict(
     moe_intermediate: int = 32,
     norm_topk_prob: bool = True,
     mrope_section: tuple[int, int, int] = (4, 2, 2),
+    mlp_only_layers: list[int] | None = None,
     vocab: int = 152064,
     max_positions: int = 4096,
 ) -> dict:
@@ -36,7 +37,7 @@ def omni_config_dict(
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section),
                          "interleaved": True},
         num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=list(mlp_only_layers or []),
     )
     audio = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64, d_model=32,
                  output_dim=hidden, n_window=50, n_window_infer=800, downsample_hidden_size=16)

@@ -1,0 +1,36 @@
+import os
+
+# The Triton interpreter must be on before any kernel is decorated, i.e. before omni_kernels is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from hf_checkpoints import omni_config_dict, save_reference_checkpoint  # noqa: E402
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """Factory: ``reference_checkpoint(**config_overrides)`` -> (folder, transformers model), built once per config."""
+    built = {}
+
+    def build(seed: int = 0, max_shard_size: str | None = None, **overrides):
+        key = (seed, max_shard_size, repr(sorted(overrides.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp("ckpt")
+            model = save_reference_checkpoint(folder, omni_config_dict(**overrides), seed, max_shard_size)
+            built[key] = (folder, model)
+        return built[key]
+
+    return build

@@ -1,0 +1,132 @@
+"""Bad checkpoints and bad requests get an error that names the problem, and nothing else breaks."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omni_runtime import OmniModel
+
+
+@pytest.fixture
+def checkpoint_copy(reference_checkpoint, tmp_path):
+    """A private, sharded copy of the tiny checkpoint that a test may damage."""
+    source, _ = reference_checkpoint(seed=7, max_shard_size="10MB")
+    target = tmp_path / "ckpt"
+    shutil.copytree(source, target)
+    return target
+
+
+def shard_of(folder, key):
+    return folder / json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        OmniModel.from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_missing_shard_is_named(checkpoint_copy):
+    shard = shard_of(checkpoint_copy, "thinker.lm_head.weight")
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_corrupt_shard_is_named(checkpoint_copy):
+    shard = shard_of(checkpoint_copy, "thinker.model.norm.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{shard.name}.*corrupt"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, reference_checkpoint):
+    source, _ = reference_checkpoint()
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded, never unpickled")
+    with pytest.raises(ValueError, match="pickle"):
+        OmniModel.from_pretrained(tmp_path)
+
+
+def rewrite_single_file(folder, mutate):
+    """Merge the shards into one model.safetensors after ``mutate(tensors)``."""
+    from safetensors.torch import load_file
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    mutate(tensors)
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_shape_disagreeing_with_config(checkpoint_copy):
+    key = "thinker.model.layers.1.self_attn.k_proj.weight"
+    rewrite_single_file(checkpoint_copy, lambda t: t.__setitem__(key, t[key][:-1].contiguous()))
+    with pytest.raises(ValueError, match=f"{key}.*shape"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_unknown_tensor(checkpoint_copy):
+    rewrite_single_file(checkpoint_copy, lambda t: t.__setitem__("thinker.model.layers.0.extra.weight",
+                                                                 torch.zeros(3)))
+    with pytest.raises(ValueError, match="unknown tensors.*extra"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_missing_expert(checkpoint_copy):
+    key = "thinker.model.layers.0.mlp.experts.3.up_proj.weight"
+    rewrite_single_file(checkpoint_copy, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match="lacks.*layers.0.mlp.experts.gate_up_proj"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+def test_not_a_qwen3_omni_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="thinker_config"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
+@pytest.fixture(scope="module")
+def model(reference_checkpoint):
+    folder, _ = reference_checkpoint()
+    return OmniModel.from_pretrained(folder, max_seq_len=64)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([], "empty"),
+    (torch.zeros(2, 3, dtype=torch.long), "1-D or \\[1, T\\]"),
+    ([5, 152064], "outside the vocabulary"),
+    ([-1, 5], "outside the vocabulary"),
+    (torch.tensor([1.0, 2.0]), "integer"),
+])
+def test_bad_prompts(model, ids, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_prompt_beyond_cache_and_model_still_works_after(model):
+    with pytest.raises(ValueError, match="64 positions"):
+        model.generate(list(range(100, 160)), max_new_tokens=5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate([1, 2, 3], max_new_tokens=0)
+    assert len(model.generate(list(range(100, 159)), max_new_tokens=5).text_ids) == 5
+
+
+def test_cache_size_beyond_model_positions(reference_checkpoint):
+    folder, _ = reference_checkpoint()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        OmniModel.from_pretrained(folder, max_seq_len=10**9)
+
+
+def test_audio_output_is_refused_clearly(model):
+    with pytest.raises(ValueError, match="return_audio"):
+        model.generate([1, 2, 3], max_new_tokens=2, return_audio=True)

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import omni_kernels as ok
+from omni_kernels.dispatch import KernelRegistry, everywhere
+
+
+def make_registry(forced=None):
+    registry = KernelRegistry(forced=forced)
+    registry.register("op", "torch", everywhere)(lambda: "torch")
+    registry.register("op", "triton", lambda d: d.type == "cpu")(lambda: "triton")
+    registry.register("op", "cuda", lambda d: d.type == "cuda")(lambda: "cuda")
+    return registry
+
+
+def test_prefers_cuda_then_triton_then_torch_where_they_run():
+    registry = make_registry()
+    assert registry.select("op", torch.device("cpu")).backend == "triton"
+    assert registry.select("op", torch.device("meta")).backend == "torch"
+
+
+def test_forced_backend_global_and_per_op():
+    registry = make_registry(forced="torch")
+    assert registry.select("op", torch.device("cpu")).backend == "torch"
+    registry.set_backend("triton", op="op")
+    assert registry.select("op", torch.device("cpu")).backend == "triton"
+    registry.set_backend(None, op="op")
+    assert registry.select("op", torch.device("cpu")).backend == "torch"
+
+
+def test_forced_backend_that_cannot_run_falls_back_in_order():
+    registry = make_registry(forced="cuda")
+    assert registry.select("op", torch.device("cpu")).backend == "triton"
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        ok.set_backend("tpu")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        KernelRegistry(forced="rocm")
+
+
+def test_use_backend_restores_previous_choice():
+    before = ok.dispatch.REGISTRY.forced("rms_norm")
+    with ok.use_backend("torch", op="rms_norm"):
+        assert ok.selected_backend("rms_norm", "cpu") == "torch"
+    assert ok.dispatch.REGISTRY.forced("rms_norm") == before
+
+
+def test_every_op_has_a_reference_backend():
+    for op in ok.dispatch.REGISTRY.ops():
+        assert "torch" in ok.dispatch.REGISTRY.backends(op)
+        assert ok.selected_backend(op, "cpu") in ok.BACKENDS
+
+
+def test_environment_variable_forces_the_backend():
+    code = "import omni_kernels as ok; print(ok.dispatch.REGISTRY.forced('rms_norm'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"OMNI_KERNELS_BACKEND": "torch", "PATH": ""}, check=True)
+    assert result.stdout.strip() == "torch"
+    bad = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"OMNI_KERNELS_BACKEND": "bogus", "PATH": ""})
+    assert bad.returncode != 0 and "unknown kernel backend" in bad.stderr
+
+
+def test_import_needs_no_gpu_and_no_extension():
+    code = "import omni_kernels, omni_runtime; from omni_kernels._extension import extension_loaded; " \
+           "print(omni_kernels.selected_backend('rms_norm', 'cpu'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+    assert result.stdout.strip() in ok.BACKENDS

@@ -1,0 +1,222 @@
+"""Each op's reference against a straightforward float64 formulation, over dtypes, odd shapes and strided inputs.
+
+Backend-specific kernels (Triton, CUDA) are tested against these references in their own files.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import omni_kernels as ok
+
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 2e-2, 2e-2), (torch.float16, 2e-3, 2e-3)]
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous view (every other column of a wider buffer)."""
+    wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    out = wide[..., ::2]
+    assert not out.is_contiguous() or t.shape[-1] == 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 5, 2048), (129, 7)])
+def test_rms_norm_matches_formula(shape, dtype, atol, rtol):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], dtype=torch.float64)).to(dtype)
+    x64 = x.double()
+    expected = w.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(ok.rms_norm(x, w, 1e-6).double(), expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ok.rms_norm(strided(x), w, 1e-6), ok.rms_norm_ref(x, w, 1e-6), atol=0, rtol=0)
+
+
+def test_rms_norm_rounds_before_the_weight_multiply():
+    # The reference casts the normalised value to bf16 and only then multiplies by the bf16 weight.
+    x = torch.randn(4, 64).bfloat16()
+    w = torch.randn(64).bfloat16()
+    x32 = x.float()
+    normalised = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert torch.equal(ok.rms_norm_ref(x, w, 1e-6), w * normalised)
+
+
+def test_rms_norm_out_and_bad_weight():
+    x, w = torch.randn(5, 16), torch.randn(16)
+    out = torch.empty(5, 16)
+    assert ok.rms_norm(x, w, 1e-6, out=out) is out
+    torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6))
+    with pytest.raises(ValueError, match="hidden size"):
+        ok.rms_norm(x, torch.randn(15), 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------ RoPE
+def mrope_angles_loop(positions, inv_freq, section):
+    """Angle of every (token, slot) picked one slot at a time: t/h/w row by j % 3 within the sections."""
+    half = inv_freq.numel()
+    angles = torch.empty(positions.shape[-1], half, dtype=torch.float64)
+    for j in range(half):
+        row = 0
+        if j % 3 == 1 and j < 3 * section[1]:
+            row = 1
+        elif j % 3 == 2 and j < 3 * section[2]:
+            row = 2
+        angles[:, j] = (positions[row].float() * inv_freq[j]).double()  # fp32 angle, as the model computes it
+    return torch.cat([angles, angles], dim=-1)
+
+
+@pytest.mark.parametrize("head_dim, section", [(128, (24, 20, 20)), (16, (4, 2, 2)), (32, (6, 5, 5))])
+def test_mrope_tables_pick_interleaved_sections(head_dim, section):
+    T = 37
+    positions = torch.stack([torch.arange(T), torch.randint(0, 50, (T,)), torch.randint(0, 50, (T,))])
+    inv_freq = ok.rope_inv_freq(head_dim, 1e6)
+    cos, sin = ok.mrope_cos_sin_ref(positions[:, None], inv_freq, section, torch.float32)
+    angles = mrope_angles_loop(positions, inv_freq, section)
+    torch.testing.assert_close(cos[0].double(), angles.cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[0].double(), angles.sin(), atol=1e-6, rtol=0)
+
+
+def test_mrope_with_equal_rows_is_plain_rope():
+    positions = torch.arange(11)[None]
+    inv_freq = ok.rope_inv_freq(128, 1e6)
+    cos3, sin3 = ok.mrope_cos_sin_ref(positions.expand(3, 1, -1)[:, :], inv_freq, (24, 20, 20), torch.float32)
+    cos1, sin1 = ok.mrope_cos_sin_ref(positions, inv_freq, None, torch.float32)
+    assert torch.equal(cos3, cos1) and torch.equal(sin3, sin1)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("heads, T, D", [(1, 1, 16), (3, 7, 64), (5, 129, 128)])
+def test_apply_rope_rotates_pairs_half_apart(heads, T, D, dtype, atol, rtol):
+    x = torch.randn(2, heads, T, D).to(dtype)
+    angles = torch.rand(2, T, D // 2, dtype=torch.float64) * 10
+    cos = torch.cat([angles.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(dtype)
+    a, b = x[..., : D // 2].double(), x[..., D // 2:].double()
+    c, s = angles.cos()[:, None], angles.sin()[:, None]
+    expected = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+    torch.testing.assert_close(ok.apply_rope_ref(x, cos, sin).double(), expected, atol=atol * 4, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T, start", [(1, 0), (7, 3), (17, 40)])
+def test_qk_norm_rope_writes_cache_slots_and_returns_rotated_queries(T, start, dtype):
+    B, Hq, Hkv, D, S = 1, 6, 2, 32, 64
+    q, k, v = (strided(torch.randn(B, T, h, D).to(dtype)) for h in (Hq, Hkv, Hkv))
+    qw, kw = torch.randn(D).to(dtype), torch.randn(D).to(dtype)
+    cos, sin = ok.mrope_cos_sin_ref(torch.arange(start, start + T)[None], ok.rope_inv_freq(D, 1e6), None, dtype)
+    k_cache = torch.full((B, Hkv, S, D), 7.0, dtype=dtype)
+    v_cache = k_cache.clone()
+    slots = torch.arange(start, start + T)
+    q_out = ok.qk_norm_rope(q, k, v, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots)
+    expect_q = ok.apply_rope_ref(ok.rms_norm_ref(q, qw, 1e-6).transpose(1, 2), cos, sin)
+    expect_k = ok.apply_rope_ref(ok.rms_norm_ref(k, kw, 1e-6).transpose(1, 2), cos, sin)
+    assert torch.equal(q_out, expect_q)
+    assert torch.equal(k_cache[:, :, slots], expect_k)
+    assert torch.equal(v_cache[:, :, slots], v.transpose(1, 2))
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[slots] = False
+    assert (k_cache[:, :, untouched] == 7).all() and (v_cache[:, :, untouched] == 7).all()
+
+
+def test_qk_norm_rope_rejects_mismatched_cache():
+    q, k = torch.randn(1, 3, 4, 16), torch.randn(1, 3, 2, 16)
+    cos = sin = torch.ones(1, 3, 16)
+    with pytest.raises(ValueError, match="cache"):
+        ok.qk_norm_rope(q, k, k, None, None, 1e-6, cos, sin, torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16),
+                        torch.arange(3))
+
+
+# ------------------------------------------------------------------------------------------------------- Attention
+def attention_formula(q, k, v, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    scores = q.double() @ k.transpose(-1, -2) * scale
+    q_len, kv_len = q.shape[2], k.shape[2]
+    visible = torch.arange(kv_len - q_len, kv_len)[:, None] >= torch.arange(kv_len)[None, :]
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("Hq, Hkv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("q_len, kv_len", [(1, 1), (1, 129), (7, 7), (129, 129), (5, 23)])
+def test_attention_matches_causal_softmax(q_len, kv_len, Hq, Hkv, dtype, atol, rtol):
+    D = 32
+    q = torch.randn(2, Hq, q_len, D).to(dtype)
+    cache = torch.randn(2, 2, Hkv, kv_len + 9, D).to(dtype)     # read through a slice, as from the KV cache
+    k, v = cache[0, :, :, :kv_len], cache[1, :, :, :kv_len]
+    out = ok.attention(q, k, v, D**-0.5)
+    torch.testing.assert_close(out.double(), attention_formula(q, k, v, D**-0.5), atol=atol * 2, rtol=rtol)
+
+
+def test_attention_rejects_mismatched_heads():
+    with pytest.raises(ValueError, match="does not fit"):
+        ok.attention(torch.randn(1, 6, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------- MoE
+def moe_formula(x, router, gate_up, down, top_k, renormalize, shared=None):
+    """Token by token, slot by slot, in float64 (routing decided on the op's own router probabilities)."""
+    weights, ids = ok.moe_route_ref(x, router, top_k, renormalize)
+    inter = down.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xt = x[t].double()
+        for slot in range(top_k):
+            e = ids[t, slot]
+            h = gate_up[e].double() @ xt
+            y = down[e].double() @ (F.silu(h[:inter]) * h[inter:])
+            out[t] += weights[t, slot].double() * y
+    if shared is not None:
+        s = [p.double() for p in shared]
+        mlp = s[2] @ (F.silu(s[0] @ x.double().T) * (s[1] @ x.double().T))
+        out += (torch.sigmoid(s[3] @ x.double().T) * mlp).T
+    return out
+
+
+def moe_weights(E, H, inter, dtype, shared_inter=0):
+    g = torch.Generator().manual_seed(E * 1000 + H)
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(dtype)  # noqa: E731
+    router, gate_up, down = rnd(E, H), rnd(E, 2 * inter, H), rnd(E, H, inter)
+    shared = ok.SharedExpert(rnd(shared_inter, H), rnd(shared_inter, H), rnd(H, shared_inter), rnd(1, H)) \
+        if shared_inter else None
+    return router, gate_up, down, shared
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("T", [1, 3, 17, 129])
+@pytest.mark.parametrize("E, top_k, renormalize", [(8, 1, True), (8, 2, False), (128, 6, True), (128, 8, True)])
+def test_fused_moe_matches_per_token_loop(T, E, top_k, renormalize, dtype, atol, rtol):
+    H, inter = 48, 24
+    router, gate_up, down, _ = moe_weights(E, H, inter, dtype)
+    x = strided(torch.randn(T, H).to(dtype))
+    out = ok.fused_moe(x, router, gate_up, down, top_k, renormalize)
+    expected = moe_formula(x, router, gate_up, down, top_k, renormalize)
+    torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_fused_moe_with_shared_expert(dtype, atol, rtol):
+    H, inter, E = 40, 16, 8
+    router, gate_up, down, shared = moe_weights(E, H, inter, dtype, shared_inter=56)
+    x = torch.randn(9, H).to(dtype)
+    out = ok.fused_moe(x, router, gate_up, down, 2, True, shared=shared)
+    torch.testing.assert_close(out.double(), moe_formula(x, router, gate_up, down, 2, True, shared),
+                               atol=atol, rtol=rtol)
+
+
+def test_moe_router_picks_best_experts_and_renormalises():
+    x, router = torch.randn(33, 16), torch.randn(10, 16)
+    weights, ids = ok.moe_route_ref(x, router, 3, renormalize=True)
+    probs = torch.softmax(x @ router.T, dim=-1)
+    assert torch.equal(ids, probs.topk(3).indices)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(33))
+    raw, _ = ok.moe_route_ref(x, router, 3, renormalize=False)
+    torch.testing.assert_close(raw, probs.topk(3).values)
+
+
+def test_fused_moe_rejects_bad_shapes():
+    router, gate_up, down, _ = moe_weights(4, 8, 6, torch.float32)
+    with pytest.raises(ValueError, match="shapes disagree"):
+        ok.fused_moe(torch.randn(3, 9), router, gate_up, down, 2, True)
+    with pytest.raises(ValueError, match="top_k"):
+        ok.fused_moe(torch.randn(3, 8), router, gate_up, down, 5, True)

@@ -1,0 +1,55 @@
+"""Sampling against transformers' logits processors, which define what the reference model samples from."""
+import pytest
+import torch
+
+from omni_runtime.sampling import (Sampler, SamplingParams, apply_repetition_penalty, apply_top_k,
+                                   apply_top_p)
+
+
+def test_greedy_is_argmax_and_ignores_seed():
+    logits = torch.randn(3, 1000)
+    sampler = Sampler(SamplingParams(temperature=0.0, top_k=5, seed=3), torch.device("cpu"))
+    assert torch.equal(sampler(logits), logits.argmax(-1))
+
+
+def test_same_seed_same_draws_different_seed_different_draws():
+    logits = torch.randn(1, 5000)
+
+    def stream(seed):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed), torch.device("cpu"))
+        return [int(sampler(logits)) for _ in range(20)]
+
+    assert stream(1) == stream(1)
+    assert stream(1) != stream(2)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(4, 300)
+    for params in (SamplingParams(temperature=0.7, top_k=1, seed=0), SamplingParams(temperature=1.3, top_p=1e-6)):
+        assert torch.equal(Sampler(params, torch.device("cpu"))(logits), logits.argmax(-1))
+
+
+def test_warpers_match_transformers():
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    logits = torch.randn(2, 512)
+    history = torch.randint(0, 512, (2, 40))
+    torch.testing.assert_close(apply_repetition_penalty(logits, history, 1.05),
+                               RepetitionPenaltyLogitsProcessor(1.05)(history, logits.clone()))
+    assert torch.equal(apply_top_k(logits, 50), TopKLogitsWarper(50)(history, logits.clone()))
+    assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(history, logits.clone()))
+
+
+def test_samples_only_from_the_allowed_set():
+    logits = torch.randn(1, 200)
+    allowed = set(logits.topk(7).indices[0].tolist())
+    sampler = Sampler(SamplingParams(temperature=2.0, top_k=7, seed=0), torch.device("cpu"))
+    assert {int(sampler(logits)) for _ in range(200)} <= allowed
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
+def test_bad_parameters_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
