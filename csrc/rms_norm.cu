@@ -1,0 +1,83 @@
+// Torch launcher for omni::RMSNorm: checks every argument, views x and out as [rows, hidden] through their
+// strides (no copies), and launches on the current stream so CUDA-graph capture sees the kernel.
+// The c10/cuda headers give the same CUDAGuard and getCurrentCUDAStream as at::cuda:: without ATen/cuda's
+// cuBLAS/cuSPARSE includes, which cost compile time and are absent from a bare CUDA toolkit.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <omni/rms_norm.cuh>
+
+namespace {
+
+// Row stride (in elements) of `t` seen as [rows, hidden], or -1 when its leading dims do not collapse into one
+// strided dim. Size-1 dims place no constraint; a tensor whose leading dims are all 1 has one row.
+int64_t RowStride(at::Tensor const& t) {
+  int64_t stride = -1;  // stride of the innermost leading dim of size > 1
+  int64_t span = 1;     // product of the sizes of the leading dims inside the current one
+  for (int64_t i = t.dim() - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (stride < 0) {
+      stride = t.stride(i);
+    } else if (t.stride(i) != stride * span) {
+      return -1;
+    }
+    span *= t.size(i);
+  }
+  return stride < 0 ? t.size(-1) : stride;
+}
+
+template <typename T>
+void Launch(at::Tensor const& x, at::Tensor const& weight, at::Tensor& out, int64_t rows, int64_t hidden,
+            int64_t x_stride, int64_t out_stride, double eps) {
+  cudaError_t const err =
+      omni::RMSNorm<T>(reinterpret_cast<T const*>(x.const_data_ptr()),
+                       reinterpret_cast<T const*>(weight.const_data_ptr()),
+                       reinterpret_cast<T*>(out.mutable_data_ptr()), rows, hidden, x_stride, out_stride,
+                       static_cast<float>(eps), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "omni::rms_norm: kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+// x: (..., hidden), weight: (hidden,), out: like x. out may be x itself.
+void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Tensor& out) {
+  TORCH_CHECK(x.is_cuda(), "omni::rms_norm: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 2, "omni::rms_norm: x must have at least 2 dims (..., hidden), got shape ", x.sizes());
+  int64_t const hidden = x.size(-1);
+  TORCH_CHECK(x.stride(-1) == 1 || hidden == 1, "omni::rms_norm: x must be contiguous in its last dim, got strides ",
+              x.strides());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "omni::rms_norm: weight must have shape (", hidden,
+              ",), got ", weight.sizes());
+  TORCH_CHECK(weight.stride(0) == 1 || hidden == 1, "omni::rms_norm: weight must be contiguous");
+  TORCH_CHECK(weight.device() == x.device() && out.device() == x.device(),
+              "omni::rms_norm: x, weight and out must be on one device, got ", x.device(), ", ", weight.device(),
+              ", ", out.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
+              "omni::rms_norm: x, weight and out must have one dtype, got ", x.scalar_type(), ", ",
+              weight.scalar_type(), ", ", out.scalar_type());
+  TORCH_CHECK(out.sizes() == x.sizes(), "omni::rms_norm: out must have the shape of x ", x.sizes(), ", got ",
+              out.sizes());
+  TORCH_CHECK(out.stride(-1) == 1 || hidden == 1, "omni::rms_norm: out must be contiguous in its last dim, got strides ",
+              out.strides());
+  if (x.numel() == 0) return;
+
+  int64_t const rows = x.numel() / hidden;
+  int64_t const x_stride = RowStride(x);
+  int64_t const out_stride = RowStride(out);
+  TORCH_CHECK(x_stride >= 0, "omni::rms_norm: the leading dims of x (shape ", x.sizes(), ", strides ", x.strides(),
+              ") cannot be viewed as one row dim; pass x.reshape(-1, hidden)");
+  TORCH_CHECK(out_stride >= 0, "omni::rms_norm: the leading dims of out (shape ", out.sizes(), ", strides ",
+              out.strides(), ") cannot be viewed as one row dim");
+  TORCH_CHECK(rows == 1 || out_stride >= hidden, "omni::rms_norm: rows of out overlap (row stride ", out_stride,
+              " < hidden ", hidden, ")");
+
+  c10::cuda::CUDAGuard const guard(x.device());
+  switch (x.scalar_type()) {
+    case at::kFloat: return Launch<float>(x, weight, out, rows, hidden, x_stride, out_stride, eps);
+    case at::kHalf: return Launch<__half>(x, weight, out, rows, hidden, x_stride, out_stride, eps);
+    case at::kBFloat16: return Launch<__nv_bfloat16>(x, weight, out, rows, hidden, x_stride, out_stride, eps);
+    default: TORCH_CHECK(false, "omni::rms_norm: dtype must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+}
