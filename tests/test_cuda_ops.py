@@ -7,7 +7,8 @@ from omni_kernels._extension import has_cuda_op
 
 pytestmark = pytest.mark.gpu
 
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 0, 0), (torch.float16, 0, 0)]
+# The reduction order differs from torch's, so the fp32 statistics may differ in the last bit and flip one rounding.
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1.6e-2, 1e-2), (torch.float16, 2e-3, 2e-3)]
 
 
 @pytest.fixture(autouse=True)
@@ -26,8 +27,7 @@ def test_rms_norm_cuda_matches_reference(shape, dtype, atol, rtol, contiguous):
     with ok.use_backend("cuda", op="rms_norm"):
         assert ok.selected_backend("rms_norm", "cuda") == "cuda"
         out = ok.rms_norm(x, w, 1e-6)
-    # fp32 may differ from torch's reduction order; bf16/fp16 round once from the same fp32 value.
-    torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6), atol=atol or 1e-2, rtol=rtol or 1e-2)
+    torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6), atol=atol, rtol=rtol)
 
 
 def test_rms_norm_cuda_rejects_bad_weight():
