@@ -79,7 +79,26 @@ def fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, share
     return out if shared is None else out + shared_expert_ref(x, shared)
 
 
-REGISTRY.register("fused_moe", "torch", everywhere)(fused_moe_ref)
+@torch.library.custom_op("omni::fused_moe_ref", mutates_args=())
+def _fused_moe_ref_op(
+    x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
+    renormalize: bool, shared_gate_proj: torch.Tensor | None, shared_up_proj: torch.Tensor | None,
+    shared_down_proj: torch.Tensor | None, shared_gate: torch.Tensor | None,
+) -> torch.Tensor:
+    shared = None if shared_gate is None else SharedExpert(shared_gate_proj, shared_up_proj, shared_down_proj,
+                                                          shared_gate)
+    return fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
+
+
+@_fused_moe_ref_op.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+@REGISTRY.register("fused_moe", "torch", everywhere)
+def _fused_moe_torch(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared):
+    # Behind a custom op: the sort/bincount/grouped GEMM have data-dependent shapes that torch.compile cannot trace.
+    return _fused_moe_ref_op(x, router_weight, w_gate_up, w_down, top_k, renormalize, *(shared or (None,) * 4))
 
 
 def fused_moe(
