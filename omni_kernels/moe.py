@@ -38,9 +38,21 @@ def moe_route_ref(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, reno
     return weights.to(logits.dtype), ids
 
 
+def _aligned_16(*tensors: torch.Tensor) -> bool:
+    # torch's grouped GEMM wants 16-byte aligned base pointers and strides (torch >= 2.14 checks it on CPU too).
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+               for t in tensors)
+
+
+def _grouped_gemm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not _aligned_16(x, weight):
+        return False
+    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     # x: [S, in] rows grouped by expert, weight: [E, out, in], offsets: [E] cumulative row counts (int32).
-    if x.device.type == "cpu" or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+    if _grouped_gemm_runs(x, weight):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     out = x.new_empty(x.shape[0], weight.shape[1])
     start = 0

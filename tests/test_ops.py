@@ -195,6 +195,15 @@ def test_fused_moe_matches_per_token_loop(T, E, top_k, renormalize, dtype, atol,
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_fused_moe_odd_sizes_take_the_unaligned_path(dtype, atol, rtol):
+    H, inter, E = 33, 7, 5          # rows of 7 or 33 elements break the grouped GEMM's 16-byte stride rule
+    router, gate_up, down, _ = moe_weights(E, H, inter, dtype)
+    x = torch.randn(11, H).to(dtype)
+    torch.testing.assert_close(ok.fused_moe(x, router, gate_up, down, 3, True).double(),
+                               moe_formula(x, router, gate_up, down, 3, True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_fused_moe_with_shared_expert(dtype, atol, rtol):
     H, inter, E = 40, 16, 8
     router, gate_up, down, shared = moe_weights(E, H, inter, dtype, shared_inter=56)
