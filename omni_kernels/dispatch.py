@@ -6,7 +6,8 @@ asks the registry for the implementation to use for its input's device:
 * the backend forced for that op (``set_backend(name, op=...)``), else the one forced globally
   (``set_backend(name)`` or the environment variable ``OMNI_KERNELS_BACKEND=cuda|triton|torch``), when it implements
   the op on that device;
-* otherwise the first of ``cuda``, ``triton``, ``torch`` that does.
+* otherwise the first of ``cuda``, ``triton``, ``torch`` that does (on CPU, Triton runs in the interpreter, a test
+  tool, so it is used there only when forced).
 
 The reference (``torch``) runs everywhere, so every op always has an implementation. Selection happens in Python
 before the torch dispatcher, so ``torch.compile`` and CUDA-graph capture see only the chosen kernel.
@@ -70,10 +71,13 @@ class KernelRegistry:
     def select(self, op: str, device: torch.device) -> Kernel:
         kernels = self._kernels[op]
         forced = self.forced(op)
-        order = ((forced,) if forced else ()) + BACKENDS
-        for backend in order:
+        candidate = kernels.get(forced) if forced else None
+        if candidate is not None and candidate.runs_on(device):
+            return candidate
+        for backend in BACKENDS:
             kernel = kernels.get(backend)
-            if kernel is not None and kernel.runs_on(device):
+            # On CPU, Triton means the interpreter: a test tool used only when forced.
+            if kernel is not None and kernel.runs_on(device) and not (backend == "triton" and device.type == "cpu"):
                 return kernel
         raise RuntimeError(f"no implementation of {op} runs on {device}")  # unreachable: torch runs everywhere
 

@@ -9,12 +9,13 @@ import torch
 
 from omni_runtime.config import OmniConfig
 from omni_runtime.engine.thinker_runner import ThinkerRunner
-from omni_runtime.loader import checkpoint_files, load_weights
+from omni_runtime.loader import check_components, checkpoint_files, load_weights
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.sampling import Sampler, SamplingParams
 
-# Checkpoint parts that other components own; the thinker's text loader skips them.
-_OTHER_COMPONENTS = ("thinker.audio_tower.", "thinker.visual.", "talker.", "code2wav.")
+# Top-level parts of a Qwen3-Omni checkpoint, and the sub-components loaded apart from the thinker's text model.
+COMPONENTS = ("thinker.", "talker.", "code2wav.")
+THINKER_SUBCOMPONENTS = ("thinker.audio_tower.", "thinker.visual.")
 DEFAULT_MAX_SEQ_LEN = 8192
 
 
@@ -39,9 +40,10 @@ class OmniModel:
         device = torch.device(device)
         config = OmniConfig.from_pretrained(path)
         files = checkpoint_files(path)
+        check_components(files, COMPONENTS)
         with torch.device("meta"):
             thinker = Thinker(config.thinker_text)
-        load_weights(thinker, files, Thinker.checkpoint_prefix, dtype, device, other_prefixes=_OTHER_COMPONENTS)
+        load_weights(thinker, files, Thinker.checkpoint_prefix, dtype, device, exclude=THINKER_SUBCOMPONENTS)
         thinker.eval()
         limit = config.thinker_text.max_position_embeddings
         if max_seq_len is not None and not 1 <= max_seq_len <= limit:

@@ -89,12 +89,13 @@ def load_weights(
     prefix: str,
     dtype: torch.dtype,
     device: torch.device,
-    other_prefixes: Iterable[str] = (),
+    exclude: Iterable[str] = (),
 ) -> None:
     """Fill ``module`` (built on the meta device) with the tensors named ``prefix + <param name>``.
 
-    Tensors under ``other_prefixes`` belong to components loaded elsewhere and are skipped; any other tensor the
-    module has no place for, any parameter the checkpoint lacks and any shape mismatch is an error naming the tensor.
+    The module owns every tensor under ``prefix`` except those under the ``exclude`` prefixes (sub-components
+    loaded on their own, e.g. the audio tower inside ``thinker.``). An owned tensor the module has no place for, a
+    parameter the checkpoint lacks and a shape mismatch are errors naming the tensor.
     """
     params = dict(module.named_parameters())
     tensors = {name: torch.empty(p.shape, dtype=dtype, device=device) for name, p in params.items()}
@@ -103,9 +104,9 @@ def load_weights(
     unknown = []
     by_shard: dict[Path, list[tuple[str, _Target]]] = {}
     for key, shard in files.items():
-        if any(key.startswith(p) for p in other_prefixes):
+        if not key.startswith(prefix) or any(key.startswith(p) for p in exclude):
             continue
-        target = _target(key[len(prefix):], params) if key.startswith(prefix) else None
+        target = _target(key[len(prefix):], params)
         if target is None:
             unknown.append(key)
         else:
@@ -128,3 +129,11 @@ def load_weights(
         raise ValueError(f"checkpoint lacks {len(missing)} tensors (or parts of fused ones), "
                          f"e.g. {', '.join(missing[:5])}")
     module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def check_components(files: dict[str, Path], prefixes: Iterable[str]) -> None:
+    """Every tensor of the checkpoint must belong to one of the model's components."""
+    prefixes = tuple(prefixes)
+    unknown = sorted(key for key in files if not key.startswith(prefixes))
+    if unknown:
+        raise ValueError(f"checkpoint has {len(unknown)} unknown tensors, e.g. {', '.join(unknown[:5])}")

@@ -17,9 +17,19 @@ def make_registry(forced=None):
 
 
 def test_prefers_cuda_then_triton_then_torch_where_they_run():
+    registry = KernelRegistry()
+    registry.register("op", "torch", everywhere)(lambda: "torch")
+    registry.register("op", "triton", lambda d: d.type in ("cuda", "meta"))(lambda: "triton")
+    registry.register("op", "cuda", lambda d: d.type == "cuda")(lambda: "cuda")
+    assert registry.select("op", torch.device("cuda")).backend == "cuda"
+    assert registry.select("op", torch.device("meta")).backend == "triton"
+
+
+def test_triton_on_cpu_only_when_forced():
     registry = make_registry()
+    assert registry.select("op", torch.device("cpu")).backend == "torch"
+    registry.set_backend("triton")
     assert registry.select("op", torch.device("cpu")).backend == "triton"
-    assert registry.select("op", torch.device("meta")).backend == "torch"
 
 
 def test_forced_backend_global_and_per_op():
@@ -33,7 +43,7 @@ def test_forced_backend_global_and_per_op():
 
 def test_forced_backend_that_cannot_run_falls_back_in_order():
     registry = make_registry(forced="cuda")
-    assert registry.select("op", torch.device("cpu")).backend == "triton"
+    assert registry.select("op", torch.device("cpu")).backend == "torch"
 
 
 def test_unknown_backend_is_an_error():
