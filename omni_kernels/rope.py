@@ -23,13 +23,18 @@ def mrope_cos_sin_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: (3, B, T) t/h/w rows (or (B, T) for 1-D RoPE) -> cos, sin: (B, T, head_dim) in ``dtype``.
 
-    Angles are computed in fp32 over the full (3, B, T, D/2) table before the sections are picked, the order the
-    reference uses (the shape ``cos``/``sin`` run on can change fp32 results in the last bit on CPU).
+    Angles are fp32. The tables are built in the reference's order for each kind (M-RoPE: cos/sin over the
+    (3, B, T, D/2) table, then pick sections, then duplicate; 1-D: duplicate, then cos/sin), because the shape
+    ``cos``/``sin`` run on can change fp32 results in the last bit on CPU.
     """
-    rows = positions if positions.dim() == 3 else positions[None]
-    freqs = rows[..., None].float() * inv_freq.to(device=rows.device, dtype=torch.float32)  # [R, B, T, D/2]
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    if positions.dim() == 2:  # 1-D RoPE: the reference duplicates the angles before cos/sin
+        angles = positions[..., None].float() * inv_freq                                  # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    freqs = positions[..., None].float() * inv_freq                                        # [3, B, T, D/2]
     cos, sin = freqs.cos(), freqs.sin()
-    if mrope_section is not None and rows.shape[0] == 3:
+    if mrope_section is not None:
         cos, sin = _interleave_sections(cos, mrope_section), _interleave_sections(sin, mrope_section)
     else:
         cos, sin = cos[0], sin[0]

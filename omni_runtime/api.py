@@ -67,7 +67,7 @@ class OmniModel:
         runner = self.thinker_runner
         prompt_len = ids.shape[1]
         positions = torch.arange(prompt_len, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        logits = runner.prefill(runner.embed(ids), positions)
+        logits, _ = runner.prefill(runner.embed(ids), positions)
         history, out = ids, GenerationOutput()
         for step in range(max_new_tokens):
             token = sampler(logits, history)                              # [1]

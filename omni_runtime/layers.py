@@ -66,19 +66,6 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))         # [E, H, I]
 
 
-class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: MoeTextConfig):
-        super().__init__()
-        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)       # router [E, H]
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = ok.fused_moe(x.reshape(-1, x.shape[-1]), self.gate.weight, self.experts.gate_up_proj,
-                           self.experts.down_proj, self.top_k, self.renormalize)
-        return out.view_as(x)
-
-
 class DenseMLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
@@ -88,6 +75,29 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoeBlock(nn.Module):
+    """Routed experts, plus (talker) a shared expert scaled by a sigmoid gate."""
+
+    def __init__(self, cfg: MoeTextConfig):
+        super().__init__()
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)       # router [E, H]
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = None
+        if hasattr(self, "shared_expert"):
+            mlp = self.shared_expert
+            shared = ok.SharedExpert(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                     self.shared_expert_gate.weight)
+        out = ok.fused_moe(x.reshape(-1, x.shape[-1]), self.gate.weight, self.experts.gate_up_proj,
+                           self.experts.down_proj, self.top_k, self.renormalize, shared)
+        return out.view_as(x)
 
 
 class DecoderLayer(nn.Module):

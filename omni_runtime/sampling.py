@@ -1,7 +1,7 @@
 """Token sampling: greedy, temperature, top-k, top-p and repetition penalty, seeded, all on the logits' device.
 
-The order is the reference's (transformers logits processors): repetition penalty, temperature, top-k, top-p, then a
-draw from the softmax. Temperature 0 means greedy (argmax) and skips every warper.
+The order is the reference's (transformers logits processors): repetition penalty, suppressed tokens, temperature,
+top-k, top-p, then a draw from the softmax. Temperature 0 means greedy (argmax) and skips every warper.
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ class SamplingParams:
 class Sampler:
     """Applies one ``SamplingParams`` to a stream of logits; owns the seeded generator of that stream."""
 
-    def __init__(self, params: SamplingParams, device: torch.device):
+    def __init__(self, params: SamplingParams, device: torch.device, suppress: torch.Tensor | None = None):
+        """``suppress``: optional bool mask [V] of tokens that may never be drawn (the talker's codec specials)."""
         self.params = params
+        self.suppress = suppress
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -51,6 +53,8 @@ class Sampler:
         p = self.params
         if p.repetition_penalty != 1.0 and history is not None and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if self.suppress is not None:
+            logits = logits.masked_fill(self.suppress, float("-inf"))
         if p.greedy:
             return logits.argmax(dim=-1)
         logits = logits / p.temperature

@@ -39,7 +39,7 @@ def reference_generate(hf_model, prompt, max_new_tokens, eos):
 def teacher_forced_logits(model: OmniModel, prompt, tokens):
     runner = model.thinker_runner
     positions = torch.arange(prompt.shape[1]).view(1, 1, -1).expand(3, 1, -1)
-    logits = [runner.prefill(runner.embed(prompt), positions)]
+    logits = [runner.prefill(runner.embed(prompt), positions)[0]]
     for token in tokens[:-1]:
         logits.append(runner.decode(torch.tensor([[token]])))
     return torch.cat(logits)

@@ -19,10 +19,16 @@ class ThinkerTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache,
+                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, T, H] layer-0 inputs -> (final-norm hidden [B, T, H], hidden state number ``capture_layer``:
+        the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``)."""
+        captured = x if capture_layer == 0 else None
         for index, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layer(index))   # [B, T, H]
-        return self.norm(x)
+            if index + 1 == capture_layer:
+                captured = x
+        return self.norm(x), captured
 
 
 class Thinker(nn.Module):
@@ -33,7 +39,8 @@ class Thinker(nn.Module):
         self.model = ThinkerTextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, embeds: torch.Tensor, ctx: StepContext, cache: StaticKVCache) -> torch.Tensor:
-        """embeds: [B, T, H] -> next-token logits of the last position, fp32 [B, V]."""
-        hidden = self.model(embeds, ctx, cache)
-        return self.lm_head(hidden[:, -1]).float()
+    def forward(self, embeds: torch.Tensor, ctx: StepContext, cache: StaticKVCache,
+                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """embeds: [B, T, H] -> (next-token logits of the last position, fp32 [B, V], captured hidden or None)."""
+        hidden, captured = self.model(embeds, ctx, cache, capture_layer)
+        return self.lm_head(hidden[:, -1]).float(), captured

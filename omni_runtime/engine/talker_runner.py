@@ -1,0 +1,55 @@
+"""The talker's runner: owns the talker's KV cache and the code predictor's 16-slot cache.
+
+One talker step turns the previous frame into the next codebook-0 code; the code predictor then fills codebooks
+1..15 of that frame with 15 dependent steps over a cache it rebuilds each frame (2-token prefill + 14 decodes), so
+its state never grows.
+"""
+from __future__ import annotations
+
+import torch
+
+from omni_runtime.config import TalkerConfig
+from omni_runtime.engine.decoder_state import DecoderState
+from omni_runtime.models.talker import Talker
+from omni_runtime.sampling import Sampler
+
+
+class TalkerRunner:
+    def __init__(self, talker: Talker, cfg: TalkerConfig, max_len: int, device: torch.device, dtype: torch.dtype):
+        self.talker, self.cfg = talker, cfg
+        self.state = DecoderState(cfg.text, max_len, device, dtype)
+        self.predictor = DecoderState(cfg.code_predictor, cfg.num_code_groups, device, dtype, multimodal_rope=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.state.cache.max_len
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds: [1, L, H], positions: [3, 1, L] -> (codec logits fp32 [1, V], last post-norm hidden [1, 1, H])."""
+        hidden = self.talker.model(embeds, self.state.start(positions), self.state.cache)
+        return self.talker.codec_head(hidden)[:, -1].float(), hidden[:, -1:]
+
+    @torch.inference_mode()
+    def decode(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds: [1, 1, H] -> (codec logits fp32 [1, V], post-norm hidden [1, 1, H])."""
+        hidden = self.talker.model(embeds, self.state.next_context(), self.state.cache)
+        return self.talker.codec_head(hidden)[:, -1].float(), hidden
+
+    @torch.inference_mode()
+    def predict_residuals(self, hidden: torch.Tensor, code0: torch.Tensor,
+                          sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: [1, 1, H] talker state that produced ``code0`` ([1]) -> (codes of codebooks 1..Q-1 [Q-1],
+        the next talker input before text conditioning: the sum of the frame's Q code embeddings [1, 1, H])."""
+        predictor = self.talker.code_predictor
+        embeds = [self.talker.model.codec_embedding(code0.view(1, 1))]                    # Q x [1, 1, H]
+        x = torch.cat([hidden, embeds[0]], dim=1)                                         # [1, 2, H]
+        ctx = self.predictor.start(torch.arange(2, device=x.device).view(1, -1))
+        codes = []
+        for group in range(self.cfg.num_code_groups - 1):
+            out = predictor.model(x, ctx, self.predictor.cache)
+            codes.append(sampler(predictor.lm_head[group](out)[:, -1].float()))          # [1]
+            x = predictor.model.codec_embedding[group](codes[-1].view(1, 1))
+            embeds.append(x)
+            ctx = self.predictor.next_context() if group < self.cfg.num_code_groups - 2 else None
+        return torch.cat(codes), torch.cat(embeds, dim=1).sum(1, keepdim=True)
