@@ -1,54 +1,82 @@
-"""The public API: ``OmniModel.from_pretrained(path)`` and ``model.generate(...)``."""
+"""The public API: ``OmniModel.from_pretrained(path)``, ``model.generate(...)`` and ``model.stream(...)``."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from omni_runtime.config import OmniConfig
+from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
+from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream
+from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
+from omni_runtime.pipeline import SpeechOptions, SpeechSession, StageTimer, StreamEvent, ThinkerStream
 from omni_runtime.sampling import Sampler, SamplingParams
 
 # Top-level parts of a Qwen3-Omni checkpoint, and the sub-components loaded apart from the thinker's text model.
 COMPONENTS = ("thinker.", "talker.", "code2wav.")
 THINKER_SUBCOMPONENTS = ("thinker.audio_tower.", "thinker.visual.")
 DEFAULT_MAX_SEQ_LEN = 8192
+DEFAULT_TALKER_MAX_NEW_TOKENS = 4096
+SAMPLE_RATE = 24000
+# The reference's speech sampling: talker temperature 0.9, top-k 50, repetition penalty 1.05 over codebook-0
+# history; the code predictor samples with top-k 50, top-p 0.8 (both greedy when the talker is greedy).
+DEFAULT_TALKER_SAMPLING = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05)
+DEFAULT_PREDICTOR_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.8)
 
 
 @dataclass
 class GenerationOutput:
     text_ids: list[int] = field(default_factory=list)   # generated tokens, ending with the EOS when one came
     finish_reason: str = "length"                        # "eos" or "length"
+    codes: torch.Tensor | None = None                    # LongTensor [16, frames] when audio was asked for
+    audio: torch.Tensor | None = None                    # float32 [samples] at ``sample_rate``
+    sample_rate: int = SAMPLE_RATE
 
 
 class OmniModel:
-    def __init__(self, config: OmniConfig, thinker: Thinker, device: torch.device, dtype: torch.dtype,
-                 max_seq_len: int):
+    def __init__(self, config: OmniConfig, thinker: Thinker, talker: Talker | None, code2wav: Code2Wav | None,
+                 device: torch.device, dtype: torch.dtype, max_seq_len: int):
         self.config, self.device, self.dtype = config, device, dtype
-        self.thinker = thinker
+        self.thinker, self.talker, self.code2wav = thinker, talker, code2wav
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
+        self.talker_runner = None
+        if talker is not None:
+            talker_len = min(config.talker.text.max_position_embeddings, max_seq_len + DEFAULT_TALKER_MAX_NEW_TOKENS)
+            self.talker_runner = TalkerRunner(talker, config.talker, talker_len, device, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> OmniModel:
-        """Load a Qwen3-Omni checkpoint folder (config.json + safetensors). ``max_seq_len`` sizes the KV cache
-        (default: the model's maximum position or 8192, whichever is smaller)."""
+        """Load a Qwen3-Omni checkpoint folder (config.json + safetensors). ``max_seq_len`` sizes the thinker's KV
+        cache (default: the model's maximum position or 8192, whichever is smaller); the talker's holds that plus
+        4096 frames."""
         device = torch.device(device)
         config = OmniConfig.from_pretrained(path)
+        limit = config.thinker_text.max_position_embeddings
+        if max_seq_len is not None and not 1 <= max_seq_len <= limit:
+            raise ValueError(f"max_seq_len={max_seq_len} must lie in [1, {limit}] (the model's max positions)")
         files = checkpoint_files(path)
         check_components(files, COMPONENTS)
         with torch.device("meta"):
             thinker = Thinker(config.thinker_text)
+            talker = Talker(config.talker) if config.talker else None
+            code2wav = Code2Wav(Code2WavConfig.from_dict(config.raw["code2wav_config"])) if talker else None
         load_weights(thinker, files, Thinker.checkpoint_prefix, dtype, device, exclude=THINKER_SUBCOMPONENTS)
-        thinker.eval()
-        limit = config.thinker_text.max_position_embeddings
-        if max_seq_len is not None and not 1 <= max_seq_len <= limit:
-            raise ValueError(f"max_seq_len={max_seq_len} must lie in [1, {limit}] (the model's max positions)")
-        return cls(config, thinker, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
+        if talker is not None:
+            load_weights(talker, files, Talker.checkpoint_prefix, dtype, device)
+            load_weights(code2wav, files, "code2wav.", dtype, device)
+        for module in (thinker, talker, code2wav):
+            if module is not None:
+                module.eval()
+        return cls(config, thinker, talker, code2wav, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
+
+    def code2wav_stream(self) -> Code2WavStream:
+        return Code2WavStream(self.code2wav)
 
     def generate(
         self,
@@ -57,28 +85,99 @@ class OmniModel:
         eos_token_id: int | Sequence[int] | None = None,
         thinker_sampling: SamplingParams | None = None,
         return_audio: bool = False,
+        speaker: str = "ethan",
+        talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
+        talker_sampling: SamplingParams | None = None,
+        code_predictor_sampling: SamplingParams | None = None,
     ) -> GenerationOutput:
-        """Generate the thinker's answer to ``input_ids`` (1-D or [1, T] ids, or a list of ints)."""
-        if return_audio:
-            raise ValueError("return_audio=True needs the talker and Code2Wav, which this runtime does not load yet")
+        """The thinker's answer to ``input_ids`` (1-D or [1, T] ids, or a list of ints) and, with
+        ``return_audio=True``, its speech: the concatenation of what :meth:`stream` yields."""
+        if not return_audio:
+            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling)[0]
+            while not thinker.finished:
+                thinker.step()
+            return GenerationOutput(text_ids=thinker.tokens, finish_reason=thinker.finish_reason)
+        session = self._speech_session(input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling)
+        text, codes, audio = [], [], []
+        for event in session.events():
+            text += event.text_ids
+            codes += [] if event.codes is None else [event.codes]
+            audio += [] if event.audio is None else [event.audio]
+        return GenerationOutput(
+            text_ids=text, finish_reason=session.thinker.finish_reason,
+            codes=torch.cat(codes, dim=1) if codes else torch.zeros(self.config.talker.num_code_groups, 0,
+                                                                    dtype=torch.int64, device=self.device),
+            audio=torch.cat(audio) if audio else torch.zeros(0))
+
+    def stream(
+        self,
+        input_ids: torch.Tensor | Sequence[int],
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        thinker_sampling: SamplingParams | None = None,
+        return_audio: bool = True,
+        speaker: str = "ethan",
+        talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
+        talker_sampling: SamplingParams | None = None,
+        code_predictor_sampling: SamplingParams | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 4,
+        timer: StageTimer | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield text tokens and audio samples as they become final. Their concatenations equal :meth:`generate`'s
+        ``text_ids`` and ``audio``. Stopping the iteration early releases everything. ``timer`` (a
+        ``pipeline.StageTimer``) collects the time of each stage."""
+        if not return_audio:
+            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, timer=timer)[0]
+            while not thinker.finished:
+                yield StreamEvent(text_ids=[int(thinker.step())])
+            return
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
+        session = self._speech_session(input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling,
+                                       first_chunk_frames, chunk_frames, timer)
+        yield from session.events()
+
+    def _start_thinker(self, input_ids, max_new_tokens, eos_token_id, sampling, capture_layer=None, timer=None):
         ids = self._check_prompt(input_ids, max_new_tokens)
-        eos = self._eos_ids(eos_token_id)
-        sampler = Sampler(thinker_sampling or SamplingParams(temperature=0.0), self.device)
-        runner = self.thinker_runner
-        prompt_len = ids.shape[1]
-        positions = torch.arange(prompt_len, device=self.device).view(1, 1, -1).expand(3, 1, -1)
-        logits, _ = runner.prefill(runner.embed(ids), positions)
-        history, out = ids, GenerationOutput()
-        for step in range(max_new_tokens):
-            token = sampler(logits, history)                              # [1]
-            out.text_ids.append(int(token))
-            if out.text_ids[-1] in eos:
-                out.finish_reason = "eos"
-                break
-            if step + 1 < max_new_tokens:
-                history = torch.cat([history, token.view(1, 1)], dim=1)
-                logits = runner.decode(token.view(1, 1))
-        return out
+        sampler = Sampler(sampling or SamplingParams(temperature=0.0), self.device)
+        embeds = self.thinker_runner.embed(ids.view(1, -1))
+        positions = torch.arange(ids.numel(), device=self.device).view(1, 1, -1).expand(3, 1, -1)
+        with torch.inference_mode():
+            thinker = ThinkerStream(self.thinker_runner, sampler, ids, embeds, positions,
+                                    self._eos_ids(eos_token_id), max_new_tokens, capture_layer, timer)
+        return thinker, ids, embeds
+
+    def _speech_session(self, input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                        talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
+                        chunk_frames=4, timer=None) -> SpeechSession:
+        if self.talker is None:
+            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+        cfg = self.config.talker
+        speaker_id = cfg.speaker_id(speaker)
+        if talker_max_new_tokens < 1:
+            raise ValueError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
+        talker_sampling = talker_sampling or DEFAULT_TALKER_SAMPLING
+        if predictor_sampling is None:
+            predictor_sampling = talker_sampling if talker_sampling.greedy else DEFAULT_PREDICTOR_SAMPLING
+            if talker_sampling.seed is not None:
+                predictor_sampling = SamplingParams(**{**predictor_sampling.__dict__, "seed": talker_sampling.seed + 1})
+        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling,
+                                                   capture_layer=cfg.accept_hidden_layer, timer=timer)
+        needed = ids.numel() + 9 + talker_max_new_tokens
+        if needed > self.talker_runner.max_len:
+            raise ValueError(f"prompt ({ids.numel()} tokens) + talker_max_new_tokens ({talker_max_new_tokens}) "
+                             f"exceeds the {self.talker_runner.max_len} positions of the talker's KV cache")
+        vocab = cfg.text.vocab_size
+        suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        suppress[vocab - 1024:] = True          # codec specials can never be sampled, except the end of speech
+        suppress[cfg.codec_eos] = False
+        options = SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
+                                Sampler(predictor_sampling, self.device), talker_max_new_tokens,
+                                first_chunk_frames, chunk_frames)
+        return SpeechSession(self, thinker, ids, embeds, options)
 
     def _check_prompt(self, input_ids, max_new_tokens: int) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
@@ -100,7 +199,7 @@ class OmniModel:
             raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"{self.thinker_runner.max_len} positions the KV cache was sized for "
                              "(from_pretrained(max_seq_len=...))")
-        return ids.to(device=self.device, dtype=torch.int64).view(1, -1)
+        return ids.to(device=self.device, dtype=torch.int64)
 
     def _eos_ids(self, eos_token_id) -> set[int]:
         if eos_token_id is None:

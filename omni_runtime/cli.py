@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from omni_runtime.api import OmniModel
+from omni_runtime.api import SAMPLE_RATE, OmniModel
 from omni_runtime.config import SpecialTokens
 from omni_runtime.demo import demo_checkpoint
+from omni_runtime.pipeline import StageTimer
 from omni_runtime.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,16 +21,20 @@ NEWLINE_ID = 198
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="omni-runtime", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="answer one prompt")
+    gen = commands.add_parser("generate", help="answer one prompt, in text and (with --out) speech")
     gen.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in small random model)")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--text", default="Hello! Who are you?",
                         help="user message; without a tokenizer.json its UTF-8 bytes become the token ids")
     source.add_argument("--ids", help="comma-separated prompt token ids, used as they are")
+    gen.add_argument("--out", type=Path, help="write the spoken answer to this wav file")
+    gen.add_argument("--speaker", default="ethan")
+    gen.add_argument("--stream", action="store_true", help="print the text as it streams")
     gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--talker-max-new-tokens", type=int, default=512)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=DTYPES, default="float32")
-    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--temperature", type=float, default=0.0, help="thinker temperature (0 = greedy)")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
@@ -49,25 +54,60 @@ def chat_prompt(text: str, tokens: SpecialTokens, tokenizer) -> list[int]:
             tokens.im_start, tokens.assistant, NEWLINE_ID]
 
 
+def latency_table(start: float, first_text: float | None, first_audio: float | None, end: float, tokens: int,
+                  frames: int, samples: int, timer: StageTimer) -> str:
+    ms = lambda t: "-" if t is None else f"{1e3 * (t - start):.1f} ms"  # noqa: E731
+    audio_seconds = samples / SAMPLE_RATE
+    speech_time = sum(timer.seconds[s] for s in ("talker prefill", "talker decode", "code predictor", "code2wav"))
+    thinker_time = timer.seconds["thinker prefill"] + timer.seconds["thinker decode"]
+    rows = [
+        ("time to first token", ms(first_text)),
+        ("first audio packet", ms(first_audio)),
+        ("total", ms(end)),
+        ("thinker tokens/s", f"{tokens / thinker_time:.1f}" if thinker_time else "-"),
+        ("talker frames/s", f"{frames / speech_time:.1f}" if speech_time and frames else "-"),
+        ("real-time factor", f"{(end - start) / audio_seconds:.3f}" if samples else "-"),
+    ]
+    rows += [(f"  {stage}", f"{1e3 * seconds:.1f} ms / {timer.calls[stage]} calls")
+             for stage, seconds in timer.seconds.items()]
+    return "\n".join(f"{name:22} {value}" for name, value in rows)
+
+
 def generate(args: argparse.Namespace) -> None:
     folder = args.model or demo_checkpoint()
-    start = time.perf_counter()
     model = OmniModel.from_pretrained(folder, device=args.device, dtype=DTYPES[args.dtype])
-    loaded = time.perf_counter()
     tokenizer = load_tokenizer(folder)
+    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else str  # noqa: E731
     prompt = [int(i) for i in args.ids.split(",")] if args.ids else chat_prompt(args.text, model.config.tokens,
                                                                               tokenizer)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, thinker_sampling=sampling)
-    done = time.perf_counter()
-    print(f"model: {folder}" + ("" if args.model else " (built-in random model: its answer is random tokens)"))
-    print(f"prompt: {len(prompt)} tokens")
-    print(f"answer ids: {out.text_ids}")
-    if tokenizer:
-        print(f"answer: {tokenizer.decode(out.text_ids)}")
-    seconds = done - loaded
-    print(f"load {loaded - start:.2f} s | {len(out.text_ids)} tokens in {seconds:.3f} s "
-          f"({len(out.text_ids) / seconds:.1f} tokens/s) | finish: {out.finish_reason}")
+    speak = args.out is not None
+    print(f"model: {folder}" + ("" if args.model else " (built-in random model: random tokens, noise for speech)"))
+    timer = StageTimer(model.device)
+    start = time.perf_counter()
+    first_text = first_audio = None
+    text, codes, audio = [], 0, []
+    for event in model.stream(prompt, max_new_tokens=args.max_new_tokens, thinker_sampling=sampling,
+                              return_audio=speak, speaker=args.speaker,
+                              talker_max_new_tokens=args.talker_max_new_tokens, timer=timer):
+        now = time.perf_counter()
+        if event.text_ids:
+            first_text = first_text or now
+            text += event.text_ids
+            if args.stream:
+                print(decode(event.text_ids), end=" " if not tokenizer else "", flush=True)
+        if event.audio is not None:
+            first_audio = first_audio or now
+            audio.append(event.audio)
+        codes += 0 if event.codes is None else event.codes.shape[1]
+    end = time.perf_counter()
+    print(("\n" if args.stream else "") + f"answer: {decode(text)}")
+    samples = sum(a.numel() for a in audio)
+    if speak:
+        import soundfile
+        soundfile.write(args.out, torch.cat(audio).cpu().numpy() if audio else [], SAMPLE_RATE)
+        print(f"wrote {args.out}: {samples / SAMPLE_RATE:.2f} s of audio, {codes} frames")
+    print(latency_table(start, first_text, first_audio, end, len(text), codes, samples, timer))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """The built-in default model: a small random Qwen3-Omni written to disk in the released checkpoint's layout.
 
 It lets the command line and the benchmarks run on a fresh machine with nothing downloaded, through the same loader
-a real checkpoint goes through. Its answers are random tokens; it has no tokenizer.
+a real checkpoint goes through. Its answers are random tokens and its speech is noise; it has no tokenizer.
 """
 from __future__ import annotations
 
@@ -14,13 +14,22 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from omni_runtime.config import MoeTextConfig, OmniConfig
+from omni_runtime.config import OmniConfig
+from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig
+from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 
-# Released special ids (spec section 2); the thinker is small: hidden 256, 4 MoE layers, 16 experts, top-4.
+
+def _rope(sections: list[int]) -> dict:
+    return {"rope_type": "default", "rope_theta": 1e6, "mrope_section": sections, "interleaved": True}
+
+
+# Released special ids (spec section 2); small widths: thinker hidden 256 (4 MoE layers, 16 experts, top-4),
+# talker hidden 128 (2 layers, 16 experts, top-4, shared expert), code predictor 2 layers, Code2Wav hidden 64.
 DEMO_CONFIG = {
-    "model_type": "qwen3_omni_moe",
+    "model_type": "qwen3_omni_moe", "enable_audio_output": True,
     "im_start_token_id": 151644, "im_end_token_id": 151645, "system_token_id": 8948, "user_token_id": 872,
     "assistant_token_id": 77091, "tts_pad_token_id": 151671, "tts_bos_token_id": 151672, "tts_eos_token_id": 151673,
     "thinker_config": {
@@ -30,51 +39,80 @@ DEMO_CONFIG = {
             "vocab_size": 152064, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
             "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 512, "moe_intermediate_size": 128,
             "num_experts": 16, "num_experts_per_tok": 4, "norm_topk_prob": True, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [6, 5, 5],
-                                "interleaved": True},
-            "max_position_embeddings": 8192, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "rope_parameters": _rope([6, 5, 5]), "max_position_embeddings": 8192,
         },
     },
+    "talker_config": {
+        "num_code_groups": 16, "accept_hidden_layer": 2, "thinker_hidden_size": 256, "codec_eos_token_id": 2150,
+        "codec_pad_id": 2148, "codec_bos_id": 2149, "codec_nothink_id": 2155, "codec_think_bos_id": 2156,
+        "codec_think_eos_id": 2157, "speaker_id": {"chelsie": 2301, "ethan": 2302, "aiden": 2303},
+        "spatial_merge_size": 2, "position_id_per_seconds": 13,
+        "text_config": {
+            "vocab_size": 3072, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256, "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 128, "num_experts": 16, "num_experts_per_tok": 4,
+            "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_parameters": _rope([6, 5, 5]),
+            "max_position_embeddings": 16384,
+        },
+        "code_predictor_config": {
+            "vocab_size": 2048, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256, "num_code_groups": 16,
+            "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        },
+    },
+    "code2wav_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                        "num_key_value_heads": 4, "intermediate_size": 128, "decoder_dim": 96, "sliding_window": 72},
 }
 
 
-def random_thinker(cfg: MoeTextConfig, seed: int, std: float = 0.02) -> Thinker:
-    generator = torch.Generator().manual_seed(seed)
-    thinker = Thinker(cfg)
+def random_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Fan-in scaled normal weights, unit norms, zero biases and SnakeBeta exponents, 0.1 residual scales."""
     with torch.no_grad():
-        for name, param in thinker.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        for name, param in module.named_parameters():
+            leaf = name.rpartition(".")[2]
+            if leaf == "bias" or leaf in ("alpha", "beta"):
+                param.zero_()
+            elif leaf in ("scale", "gamma"):
+                param.fill_(0.1)
+            elif param.dim() == 1:
                 param.fill_(1.0)
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return thinker
+                fan_in = param[0].numel() if "experts" not in name else param[0, 0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+    return module
 
 
-def checkpoint_tensors(thinker: Thinker) -> dict[str, torch.Tensor]:
-    """The thinker's weights under their on-disk names: ``thinker.`` prefix, one Linear per expert."""
+def checkpoint_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The module's weights under their on-disk names: ``prefix`` + name, one Linear per expert."""
     tensors = {}
-    for name, tensor in thinker.state_dict().items():
+    for name, tensor in module.state_dict().items():
         layer, _, kind = name.rpartition(".")
-        if kind == "gate_up_proj":
-            gate, up = tensor.chunk(2, dim=1)
+        if layer.endswith("experts") and kind in ("gate_up_proj", "down_proj"):
+            parts = {"gate_proj": 0, "up_proj": 1} if kind == "gate_up_proj" else {"down_proj": None}
             for e in range(tensor.shape[0]):
-                tensors[f"thinker.{layer}.{e}.gate_proj.weight"] = gate[e].contiguous()
-                tensors[f"thinker.{layer}.{e}.up_proj.weight"] = up[e].contiguous()
-        elif kind == "down_proj" and tensor.dim() == 3:
-            for e in range(tensor.shape[0]):
-                tensors[f"thinker.{layer}.{e}.down_proj.weight"] = tensor[e].contiguous()
+                for proj, half in parts.items():
+                    weight = tensor[e] if half is None else tensor[e].chunk(2, dim=0)[half]
+                    tensors[f"{prefix}{layer}.{e}.{proj}.weight"] = weight.contiguous()
         else:
-            tensors[f"thinker.{name}"] = tensor.contiguous()
+            tensors[f"{prefix}{name}"] = tensor.contiguous()
     return tensors
 
 
 def write_random_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0) -> Path:
-    """Write ``config.json`` and a random ``model.safetensors`` (thinker only) to ``path``."""
+    """Write ``config.json`` and a random ``model.safetensors`` (thinker text, talker, Code2Wav) to ``path``."""
     path = Path(path)
     config = copy.deepcopy(config or DEMO_CONFIG)
-    thinker = random_thinker(OmniConfig.from_dict(config).thinker_text, seed)
+    parsed = OmniConfig.from_dict(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = checkpoint_tensors(random_init_(Thinker(parsed.thinker_text), generator), Thinker.checkpoint_prefix)
+    if parsed.talker is not None:
+        tensors |= checkpoint_tensors(random_init_(Talker(parsed.talker), generator), Talker.checkpoint_prefix)
+        code2wav = random_init_(Code2Wav(Code2WavConfig.from_dict(config.get("code2wav_config", {}))), generator)
+        with torch.no_grad():
+            code2wav.decoder[-1].conv.weight.mul_(0.02)   # keep the noise well inside the final clamp to [-1, 1]
+        tensors |= checkpoint_tensors(code2wav, "code2wav.")
     path.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_tensors(thinker), path / "model.safetensors")
+    save_file(tensors, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return path
 
@@ -83,7 +121,7 @@ def demo_checkpoint(seed: int = 0) -> Path:
     """The built-in model's folder, written once into the user's cache (``OMNI_RUNTIME_CACHE`` overrides)."""
     cache = Path(os.environ.get("OMNI_RUNTIME_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                  / "omni-runtime")
-    folder = cache / f"demo-v1-seed{seed}"
+    folder = cache / f"demo-v2-seed{seed}"
     if not (folder / "config.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache))

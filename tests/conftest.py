@@ -1,10 +1,12 @@
 import os
 
-# The Triton interpreter must be on before any kernel is decorated, i.e. before omni_kernels is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without a GPU, Triton kernels run in the interpreter, which must be on before any kernel is decorated, i.e. before
+# omni_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_checkpoints import omni_config_dict, save_reference_checkpoint  # noqa: E402
 

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 import torch
+from torch import nn
 
 SPEAKERS = {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
 
@@ -26,6 +27,9 @@ def omni_config_dict(
     norm_topk_prob: bool = True,
     mrope_section: tuple[int, int, int] = (4, 2, 2),
     mlp_only_layers: list[int] | None = None,
+    talker_hidden: int = 48,
+    talker_layers: int = 2,
+    talker_experts: int = 8,
     vocab: int = 152064,
     max_positions: int = 4096,
 ) -> dict:
@@ -46,13 +50,15 @@ def omni_config_dict(
     thinker = dict(text_config=text, audio_config=audio, vision_config=vision, position_id_per_seconds=13,
                    audio_token_id=151675, image_token_id=151655, video_token_id=151656,
                    audio_start_token_id=151669, user_token_id=872, vision_start_token_id=151652)
-    talker_text = dict(vocab_size=3072, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    talker_text = dict(vocab_size=3072, hidden_size=talker_hidden, intermediate_size=2 * talker_hidden,
+                       num_hidden_layers=talker_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       num_experts=talker_experts, num_experts_per_tok=2, moe_intermediate_size=talker_hidden // 2 + 8,
+                       shared_expert_intermediate_size=talker_hidden + 16,
                        norm_topk_prob=True, max_position_embeddings=max_positions,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                         "mrope_section": list(mrope_section), "interleaved": True})
-    code_predictor = dict(vocab_size=2048, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    code_predictor = dict(vocab_size=2048, hidden_size=talker_hidden, intermediate_size=2 * talker_hidden,
+                          num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_code_groups=16,
                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     talker = dict(text_config=talker_text, code_predictor_config=code_predictor, num_code_groups=16,
@@ -77,6 +83,7 @@ def build_reference_model(config: dict, seed: int = 0):
     hf_config = Qwen3OmniMoeConfig(**copy.deepcopy(config))
     model = Qwen3OmniMoeForConditionalGeneration(hf_config).eval()
     _reinit_talker_moe(model, seed)
+    _reinit_code2wav(model, seed)
     return model
 
 
@@ -88,6 +95,32 @@ def _reinit_talker_moe(model, seed: int) -> None:
         for name, param in model.talker.named_parameters():
             if ".mlp.experts." in name or name.endswith("mlp.gate.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def _reinit_code2wav(model, seed: int) -> None:
+    # Test-only init (spec section 5): the reference's own (std 0.02 convs, ConvNeXt gamma 1e-6, layer scale 0.01,
+    # SnakeBeta alpha = beta = 0) gives a ~1e-7 waveform that tests nothing. Fan-in scaled weights, norms and scales
+    # near 1 and random SnakeBeta parameters give an O(0.1) waveform with every block contributing.
+    generator = torch.Generator().manual_seed(seed + 2)
+    code2wav = model.code2wav
+    with torch.no_grad():
+        for name, param in code2wav.named_parameters():
+            owner, leaf = code2wav.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            mean, std = 0.0, 0.1                                    # biases
+            if isinstance(owner, nn.Embedding):
+                std = 1.0
+            elif isinstance(owner, nn.ConvTranspose1d):
+                fan_in = owner.in_channels * owner.kernel_size[0] // owner.stride[0]
+                std = 1.0 / fan_in**0.5 if leaf == "weight" else std
+            elif leaf == "weight" and param.dim() >= 2:             # Linear [out, in], Conv1d [out, in / groups, k]
+                # residual units add a third of their input; the output conv brings O(1) down to O(0.1)
+                gain = 0.3 if ".conv2." in name else 0.05 if owner is code2wav.decoder[-1].conv else 1.0
+                std = gain / param[0].numel() ** 0.5
+            elif leaf in ("alpha", "beta"):                          # SnakeBeta, log scale
+                std = 0.2
+            elif leaf in ("weight", "scale", "gamma"):              # norms, LayerScale, ConvNeXt gamma
+                mean = 1.0 if leaf == "weight" else 0.5
+            param.copy_(mean + torch.randn(param.shape, generator=generator) * std)
 
 
 def save_reference_checkpoint(path: Path, config: dict | None = None, seed: int = 0,

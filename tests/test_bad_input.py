@@ -127,6 +127,10 @@ def test_cache_size_beyond_model_positions(reference_checkpoint):
         OmniModel.from_pretrained(folder, max_seq_len=10**9)
 
 
-def test_audio_output_is_refused_clearly(model):
-    with pytest.raises(ValueError, match="return_audio"):
+def test_audio_output_without_a_talker_is_refused_clearly(tmp_path):
+    from omni_runtime.demo import DEMO_CONFIG, write_random_checkpoint
+    text_only = {k: v for k, v in DEMO_CONFIG.items() if k not in ("talker_config", "code2wav_config")}
+    model = OmniModel.from_pretrained(write_random_checkpoint(tmp_path, text_only))
+    with pytest.raises(ValueError, match="return_audio=True needs a checkpoint with a talker"):
         model.generate([1, 2, 3], max_new_tokens=2, return_audio=True)
+    assert len(model.generate([1, 2, 3], max_new_tokens=2).text_ids) == 2

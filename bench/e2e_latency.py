@@ -1,0 +1,129 @@
+"""End-to-end speech latency: omni-runtime (streamed) against transformers' generate, same weights and device.
+
+    python bench/e2e_latency.py [--device cpu] [--dtype float32] [--answer-tokens 16] [--talker-tokens 48]
+
+Both run greedy (the reference's talker_do_sample=False) on one random checkpoint, so they produce the same text,
+codes and waveform (checked). The reference is sequential (thinker to the end, then talker, then Code2Wav), so its
+first audio packet comes at its total time. Prints a table and writes bench/results/e2e_latency_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import environment, save
+
+from omni_runtime import OmniModel, SamplingParams
+from omni_runtime.pipeline import StageTimer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
+FRAME_SECONDS = 0.08
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--talker-hidden", type=int, default=256)
+    p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--talker-tokens", type=int, default=48, help="talker_max_new_tokens (frames + 1)")
+    p.add_argument("--repeats", type=int, default=3)
+    return p.parse_args()
+
+
+def prompt_ids(length: int = 40) -> torch.Tensor:
+    words = torch.randint(1000, 150000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    return torch.tensor([[IM_START, USER, NEWLINE, *words, IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]])
+
+
+def run_reference(model, prompt, args):
+    start = time.perf_counter()
+    with torch.no_grad():
+        sequences, wav = model.generate(prompt, thinker_max_new_tokens=args.answer_tokens, talker_do_sample=False,
+                                        speaker="ethan", talker_max_new_tokens=args.talker_tokens)
+    total = time.perf_counter() - start
+    return {"total_s": total, "first_packet_s": total, "text": sequences[0, prompt.shape[1]:].tolist(),
+            "samples": wav.numel()}
+
+
+def run_ours(model, prompt, args):
+    timer = StageTimer(model.device)
+    start, first_packet, text, samples, frames = time.perf_counter(), None, [], 0, 0
+    for event in model.stream(prompt, max_new_tokens=args.answer_tokens, eos_token_id=IM_END,
+                              talker_max_new_tokens=args.talker_tokens, timer=timer,
+                              talker_sampling=SamplingParams(temperature=0.0, repetition_penalty=1.05)):
+        text += event.text_ids
+        if event.audio is not None:
+            first_packet = first_packet or time.perf_counter() - start
+            samples += event.audio.numel()
+            frames += 0 if event.codes is None else event.codes.shape[1]
+    total = time.perf_counter() - start
+    return {"total_s": total, "first_packet_s": first_packet, "text": text, "samples": samples, "frames": frames,
+            "stages_ms": {k: 1e3 * v for k, v in timer.seconds.items()}, "stage_calls": dict(timer.calls)}
+
+
+def median_run(fn, repeats):
+    runs = [fn() for _ in range(repeats)]
+    best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
+    return best | {"first_packet_s_median": statistics.median(r["first_packet_s"] for r in runs)}
+
+
+def main():
+    args = parse_args()
+    from hf_checkpoints import omni_config_dict, save_reference_checkpoint
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model_config = dict(hidden=args.hidden, layers=args.layers, heads=8, kv_heads=2, head_dim=args.hidden // 8,
+                        experts=args.experts, top_k=4, moe_intermediate=args.hidden // 2,
+                        mrope_section=(args.hidden // 48, args.hidden // 64, args.hidden // 64),
+                        talker_hidden=args.talker_hidden, talker_layers=4, talker_experts=32)
+    folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
+    save_reference_checkpoint(folder, omni_config_dict(**model_config))
+    reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    ours = OmniModel.from_pretrained(folder, device=device, dtype=dtype)
+    prompt = prompt_ids().to(device)
+    run_ours(ours, prompt, args), run_reference(reference, prompt, args)          # warm up
+    ref = median_run(lambda: run_reference(reference, prompt, args), args.repeats)
+    mine = median_run(lambda: run_ours(ours, prompt, args), args.repeats)
+    audio_s = mine["samples"] / 24000
+    rows = {}
+    for name, r in (("transformers", ref), ("omni-runtime (streamed)", mine)):
+        rows[name] = {"first_audio_packet_ms": 1e3 * r["first_packet_s"], "total_ms": 1e3 * r["total_s"],
+                      "rtf": r["total_s"] / (r["samples"] / 24000)}
+    stages = mine["stages_ms"]
+    thinker_s = (stages.get("thinker prefill", 0) + stages.get("thinker decode", 0)) / 1e3
+    talker_s = sum(stages.get(k, 0) for k in ("talker prefill", "talker decode", "code predictor")) / 1e3
+    result = {
+        "bench": "e2e_latency", "env": environment(device), "dtype": args.dtype, "model": model_config,
+        "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens,
+        "same_text": ref["text"] == mine["text"], "same_audio_length": ref["samples"] == mine["samples"],
+        "audio_seconds": audio_s, "results": rows,
+        "omni_runtime_rates": {"thinker_tokens_per_s": len(mine["text"]) / thinker_s if thinker_s else None,
+                               "talker_frames_per_s": mine["frames"] / talker_s if talker_s else None},
+        "omni_runtime_stages_ms": stages,
+        "ratios": {"first_packet_vs_reference_total": mine["first_packet_s"] / ref["total_s"],
+                   "total_vs_reference_total": mine["total_s"] / ref["total_s"]},
+    }
+    path = save("e2e_latency", result)
+    print(f"{result['env']['device']}, {args.dtype}: {len(mine['text'])} text tokens, {mine['frames']} frames "
+          f"({audio_s:.2f} s audio); same text: {result['same_text']}, same length: {result['same_audio_length']}")
+    print(f"{'':26} {'first packet':>13} {'total':>10} {'RTF':>7}")
+    for name, row in rows.items():
+        print(f"{name:26} {row['first_audio_packet_ms']:10.1f} ms {row['total_ms']:7.0f} ms {row['rtf']:7.3f}")
+    print(f"first packet / reference total = {result['ratios']['first_packet_vs_reference_total']:.3f}, "
+          f"total / reference total = {result['ratios']['total_vs_reference_total']:.3f}")
+    print("stages (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

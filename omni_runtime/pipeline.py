@@ -1,0 +1,167 @@
+"""The streaming pipeline: thinker -> talker -> code predictor -> Code2Wav, interleaved in one process.
+
+The thinker runs one token ahead of the talker: talker step k needs only the thinker token that conditions it
+(see engine/talker_prompt.py), so speech starts after the thinker's first token and the talker never waits for the
+whole answer. Frames go to a stateful Code2Wav stream as they are finished, in chunks of ``first_chunk_frames`` and
+then ``chunk_frames``; samples are yielded as soon as they are final, with no re-decoding and no seams.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
+                                               talker_prefill_embeds)
+from omni_runtime.sampling import Sampler
+
+
+@dataclass
+class StreamEvent:
+    text_ids: list[int] = field(default_factory=list)   # new thinker tokens
+    text: str | None = None                              # their decoded text, when a tokenizer exists
+    audio: torch.Tensor | None = None                    # new float32 samples at 24 kHz
+    codes: torch.Tensor | None = None                    # the frames [16, n] those samples came from
+
+
+class StageTimer:
+    """Wall time and call count per pipeline stage; on a GPU it synchronises around each stage, so it is for
+    measurement runs only (``profile=True``)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.sync = device is not None and device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[stage] += time.perf_counter() - start
+        self.calls[stage] += 1
+
+
+class ThinkerStream:
+    """Prefills the thinker on construction; each ``step()`` samples one token and advances the cache."""
+
+    def __init__(self, runner, sampler: Sampler, ids: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                 eos: set[int], max_new_tokens: int, capture_layer: int | None = None, timer: StageTimer | None = None):
+        self.runner, self.sampler, self.eos, self.max_new_tokens = runner, sampler, eos, max_new_tokens
+        self.timer = timer or StageTimer()
+        with self.timer("thinker prefill"):
+            self.logits, self.prompt_hidden = runner.prefill(embeds, positions, capture_layer)
+        self.history = ids.view(1, -1)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self) -> torch.Tensor:
+        """The next token [1]; its ``is_last`` is ``self.finished`` right after."""
+        token = self.sampler(self.logits, self.history)
+        self.tokens.append(int(token))
+        if self.tokens[-1] in self.eos:
+            self.finish_reason = "eos"
+        elif len(self.tokens) == self.max_new_tokens:
+            self.finish_reason = "length"
+        else:
+            self.history = torch.cat([self.history, token.view(1, 1)], dim=1)
+            with self.timer("thinker decode"):
+                self.logits = self.runner.decode(token.view(1, 1))
+        return token
+
+
+@dataclass
+class SpeechOptions:
+    speaker_id: int
+    talker_sampler: Sampler
+    predictor_sampler: Sampler
+    talker_max_new_tokens: int
+    first_chunk_frames: int = 1
+    chunk_frames: int = 4
+
+
+class SpeechSession:
+    """One spoken answer. ``events()`` drives the thinker and the talker in lockstep and yields what is final."""
+
+    def __init__(self, model, thinker: ThinkerStream, ids: torch.Tensor, prompt_embeds: torch.Tensor,
+                 options: SpeechOptions, decode_text=None):
+        self.model, self.thinker, self.options, self.decode_text = model, thinker, options, decode_text
+        self.ids, self.prompt_embeds = ids, prompt_embeds
+        talker = model.talker
+        self.text = TextConditioner(talker, model.thinker.model.embed_tokens, model.config.tokens)
+        self.text.add_prompt(prompt_embeds[:, assistant_start(ids, model.config.tokens):])
+        self.runner = model.talker_runner
+        self.timer = thinker.timer
+        self.code2wav = model.code2wav_stream()
+        self.codes0: list[int] = []
+        self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
+        self.frames_sent = 0
+
+    def events(self) -> Iterator[StreamEvent]:
+        with torch.inference_mode():
+            yield from self._events()
+
+    def _events(self) -> Iterator[StreamEvent]:
+        opts, cfg = self.options, self.model.config.talker
+        yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1)
+        prefill = talker_prefill_embeds(self.model.talker, cfg, self.model.config.tokens, self.ids, self.prompt_embeds,
+                                        self.thinker.prompt_hidden, self.text, opts.speaker_id)
+        positions = torch.arange(prefill.shape[1], device=prefill.device).view(1, 1, -1).expand(3, 1, -1)
+        with self.timer("talker prefill"):
+            logits, hidden = self.runner.prefill(prefill, positions)
+        code0 = self._sample_code0(logits)
+        for step in range(opts.talker_max_new_tokens - 1):
+            if int(code0) == cfg.codec_eos:
+                break
+            yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1 + step)
+            with self.timer("code predictor"):
+                residuals, frame_embed = self.runner.predict_residuals(hidden, code0, opts.predictor_sampler)
+            self.pending.append(torch.cat([code0, residuals]))
+            yield from self._audio(final=False)
+            with self.timer("talker decode"):
+                logits, hidden = self.runner.decode(frame_embed + self.text.row(ASSISTANT_TEXT_ROWS + 1 + step))
+            code0 = self._sample_code0(logits)
+        yield from self._audio(final=True)
+        while not self.thinker.finished:   # the talker ended before the text
+            yield self._text_event(self.thinker.step())
+
+    def _sample_code0(self, logits: torch.Tensor) -> torch.Tensor:
+        history = torch.tensor([self.codes0], device=logits.device, dtype=torch.int64)
+        code0 = self.options.talker_sampler(logits, history)
+        self.codes0.append(int(code0))
+        return code0
+
+    def _thinker_until_ready(self, row: int) -> Iterator[StreamEvent]:
+        while not self.text.ready(row):
+            token = self.thinker.step()
+            self.text.add_token(token, is_last=self.thinker.finished)
+            yield self._text_event(token)
+
+    def _text_event(self, token: torch.Tensor) -> StreamEvent:
+        ids = [int(token)]
+        return StreamEvent(text_ids=ids, text=self.decode_text(ids) if self.decode_text else None)
+
+    def _audio(self, final: bool) -> Iterator[StreamEvent]:
+        want = self.options.first_chunk_frames if self.frames_sent == 0 else self.options.chunk_frames
+        if self.pending and (final or len(self.pending) >= want):
+            codes = torch.stack(self.pending, dim=1)                       # [16, n]
+            self.frames_sent += codes.shape[1]
+            self.pending = []
+            with self.timer("code2wav"):
+                audio = self.code2wav.push(codes[None])[0, 0]
+            yield StreamEvent(audio=audio, codes=codes)
+        if final and self.frames_sent:
+            tail = self.code2wav.flush()[0, 0]
+            if tail.numel():
+                yield StreamEvent(audio=tail)

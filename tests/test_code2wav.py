@@ -1,0 +1,186 @@
+"""Code2Wav equal to transformers' on the same random checkpoint (forward and chunked_decode), and the exact stream
+equal to the offline decode for any chunking."""
+import copy
+import json
+
+import pytest
+import torch
+
+from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream, load_code2wav
+
+FRAMES = [1, 5, 23, 40, 80]          # 80 > the 72-frame window: the reference switches to a sliding-window mask
+
+
+def random_codes(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 2048, (batch, 16, frames), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference_checkpoint):
+    folder, hf_model = reference_checkpoint()
+    return folder, hf_model.code2wav
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    """Ours and the reference's Code2Wav per dtype, loaded from the same saved folder."""
+    folder, reference = checkpoint
+    reference_bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    # .to() rounds the rotary inv_freq buffer too; from_pretrained(dtype=bf16) keeps it fp32 (spec pitfall 9).
+    reference_bf16.pre_transformer.rotary_emb.inv_freq = reference.pre_transformer.rotary_emb.inv_freq.clone()
+    return {torch.float32: (load_code2wav(folder), reference),
+            torch.bfloat16: (load_code2wav(folder, torch.bfloat16), reference_bf16)}
+
+
+def test_config_reads_the_checkpoint_and_defaults_to_the_release(checkpoint):
+    folder, reference = checkpoint
+    cfg = Code2WavConfig.from_dict(json.loads((folder / "config.json").read_text())["code2wav_config"])
+    hf = reference.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.decoder_dim, cfg.sliding_window) == (
+            hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads,
+            hf.intermediate_size, hf.decoder_dim, hf.sliding_window)
+    assert cfg.head_dim == 8 and cfg.rope_theta == hf.rope_parameters["rope_theta"] == 1e4
+    release = Code2WavConfig.from_dict({})
+    assert (release.hidden_size, release.num_hidden_layers, release.num_attention_heads, release.head_dim,
+            release.intermediate_size, release.sliding_window, release.codebook_size, release.num_quantizers,
+            release.decoder_dim, release.upsample_rates, release.upsampling_ratios, release.rope_theta,
+            release.rms_norm_eps, release.max_position_embeddings) == (
+            1024, 8, 16, 64, 3072, 72, 2048, 16, 1536, (8, 5, 4, 3), (2, 2), 1e4, 1e-5, 8000)
+    assert (release.samples_per_frame, release.lost_samples) == (1920, 555)
+    with pytest.raises(ValueError, match="hidden_act"):
+        Code2WavConfig.from_dict({"hidden_act": "gelu"})
+
+
+def test_parameters_are_the_checkpoint_tensors(checkpoint):
+    folder, reference = checkpoint
+    with torch.device("meta"):
+        model = Code2Wav(Code2WavConfig.from_dict(json.loads((folder / "config.json").read_text())["code2wav_config"]))
+    ours = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert ours == {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    assert not list(model.buffers())
+
+
+@pytest.mark.parametrize("frames", FRAMES)
+def test_forward_matches_reference_fp32(models, frames):
+    model, reference = models[torch.float32]
+    codes = random_codes(2, frames, seed=frames)
+    with torch.inference_mode():
+        expected = reference(codes).float()
+        wav = model(codes)
+    assert wav.shape == (2, 1, 1920 * frames - 555) and wav.dtype == torch.float32
+    assert 0.05 < wav.std() < 0.5                       # the test init makes a real signal, not 1e-7 or all clipped
+    torch.testing.assert_close(wav, expected, atol=0, rtol=0)   # same ops in the same order: bit-identical
+
+
+@pytest.mark.parametrize("frames", [1, 23])
+def test_forward_matches_reference_bf16(models, frames):
+    model, reference = models[torch.bfloat16]
+    codes = random_codes(1, frames, seed=100 + frames)
+    with torch.inference_mode():
+        expected = reference(codes).float()
+        wav = model(codes)
+    assert wav.dtype == torch.float32
+    torch.testing.assert_close(wav, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("frames, chunk, left_context", [(23, 10, 3), (40, 10, 3), (23, 5, 12), (5, 300, 25)])
+def test_chunked_decode_matches_reference(models, dtype, frames, chunk, left_context):
+    model, reference = models[dtype]
+    codes = random_codes(1, frames, seed=200 + frames)
+    with torch.inference_mode():
+        expected = reference.chunked_decode(codes, chunk, left_context).float()
+        wav = model.chunked_decode(codes, chunk, left_context)
+    chunks = -(-frames // chunk)
+    assert wav.shape == (1, 1, 1920 * frames - 555 * chunks)
+    torch.testing.assert_close(wav, expected, atol=0, rtol=0)
+
+
+def stream_decode(model, codes, chunks):
+    stream, pieces, start = Code2WavStream(model), [], 0
+    for size in chunks:
+        piece = stream.push(codes[..., start:start + size])
+        # every sample that no later frame can change, and nothing else
+        assert piece.shape[-1] == 1920 * size - (555 if start == 0 else 0)
+        pieces.append(piece)
+        start += size
+    assert start == codes.shape[-1]
+    tail = stream.flush()
+    assert tail.shape == (codes.shape[0], 1, 0)
+    return torch.cat([*pieces, tail], dim=-1), stream
+
+
+# (fp32 stream - offline) measured <= 4.2e-6: the transformer rounds differently on 1-frame GEMMs and shifted key
+# windows (~1e-7), and the random decoder amplifies that ~30x. The convs stream bit-identically (test_rvq_conv_ops).
+@pytest.mark.parametrize("chunks", [(1, 1, 4, 25, 59), (1,) * 40 + (50,), (7,) * 12 + (6,), (3, 80, 7), (90,)],
+                         ids=["1-1-4-25-59", "ones", "sevens", "3-80-7", "whole"])
+def test_stream_equals_forward(models, chunks):
+    model, _ = models[torch.float32]
+    codes = random_codes(2, 90, seed=300)
+    with torch.inference_mode():
+        offline = model(codes)
+    streamed, _ = stream_decode(model, codes, chunks)
+    torch.testing.assert_close(streamed, offline, atol=1e-5, rtol=0)
+
+
+def test_stream_state_does_not_grow(models):
+    model, _ = models[torch.float32]
+    codes = random_codes(1, 100, seed=400)
+
+    def carried_shapes(frames):
+        stream = Code2WavStream(model)
+        stream.push(codes[..., :frames - 5])
+        stream.push(codes[..., frames - 5:frames])
+        return [tuple(t.shape) for value in stream.state.carried.values()
+                for t in (value if isinstance(value, tuple) else (value,))]
+
+    shapes = carried_shapes(100)
+    assert shapes == carried_shapes(80)
+    window = model.cfg.sliding_window
+    assert max(shape[2] for shape in shapes if len(shape) == 4) == window - 1     # keys/values: the last 71 frames
+
+
+def test_stream_bf16_stays_near_fp32(models):
+    (model, _), (model32, _) = models[torch.bfloat16], models[torch.float32]
+    codes = random_codes(1, 30, seed=500)
+    with torch.inference_mode():
+        fp32, offline = model32(codes), model(codes)
+    streamed, _ = stream_decode(model, codes, (1, 4, 25))
+    offline_error = (offline - fp32).abs().max()
+    assert (streamed - fp32).abs().max() <= 2 * offline_error + 1e-2
+
+
+def test_flush_resets_the_stream(models):
+    model, _ = models[torch.float32]
+    codes = random_codes(1, 6, seed=600)
+    first, _ = stream_decode(model, codes, (2, 4))
+    stream = Code2WavStream(model)
+    stream.push(random_codes(1, 3, seed=601))
+    assert stream.flush().shape == (1, 1, 0) and stream.frames == 0
+    again = torch.cat([stream.push(codes[..., :2]), stream.push(codes[..., 2:])], dim=-1)
+    assert torch.equal(again, first)
+
+
+def test_bad_codes_are_rejected(models):
+    model, _ = models[torch.float32]
+    codes = random_codes(1, 3)
+    bad = {
+        "must be in \\[0, 2048\\)": [codes.clone().index_fill_(2, torch.tensor([1]), 2048),
+                                     codes.clone().index_fill_(2, torch.tensor([0]), -1)],
+        "expected 16 quantizers": [codes[:, :15]],
+        "must be a \\[batch, 16, frames\\]": [codes[0], codes[None], [[0] * 16]],
+        "integers": [codes.float()],
+        "empty": [codes[..., :0]],
+    }
+    for message, inputs in bad.items():
+        for value in inputs:
+            for decode in (model, model.chunked_decode, Code2WavStream(model).push):
+                with pytest.raises(ValueError, match=message):
+                    decode(value)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.chunked_decode(codes, chunk_size=0)
+    stream = Code2WavStream(model)
+    stream.push(codes)
+    with pytest.raises(ValueError, match="batch of 1"):
+        stream.push(random_codes(2, 1))

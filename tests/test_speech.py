@@ -1,0 +1,143 @@
+"""Speech output: text, codes and waveform equal to transformers' generate (greedy talker), and streaming that
+concatenates to exactly what generate returns."""
+import pytest
+import torch
+
+from omni_runtime import OmniModel, SamplingParams
+from test_thinker_parity import IM_END, chat_prompt
+
+GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)   # the reference's talker_do_sample=False
+WAVE_ATOL = 2e-5   # streaming attention over fewer keys rounds differently from one full decode
+
+
+@pytest.fixture(scope="module")
+def speech_checkpoint(reference_checkpoint):
+    return reference_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def model(speech_checkpoint):
+    return OmniModel.from_pretrained(speech_checkpoint[0])
+
+
+def reference_speech(hf_model, prompt, thinker_max_new_tokens, talker_max_new_tokens, eos=IM_END):
+    """The reference's greedy generate, plus the codes it hands to Code2Wav."""
+    captured = {}
+    decode = hf_model.code2wav.chunked_decode
+
+    def capture(codes, *args, **kwargs):
+        captured["codes"] = codes.clone()
+        return decode(codes, *args, **kwargs)
+
+    hf_model.code2wav.chunked_decode = capture
+    try:
+        with torch.no_grad():
+            sequences, wav = hf_model.generate(prompt, thinker_max_new_tokens=thinker_max_new_tokens,
+                                               thinker_eos_token_id=eos, talker_do_sample=False, speaker="ethan",
+                                               talker_max_new_tokens=talker_max_new_tokens)
+    finally:
+        hf_model.code2wav.chunked_decode = decode
+    return sequences[0, prompt.shape[1]:].tolist(), captured["codes"][0], wav.flatten()
+
+
+def ours(model, prompt, max_new_tokens, talker_max_new_tokens, eos=IM_END, **kwargs):
+    return model.generate(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos, return_audio=True,
+                          talker_max_new_tokens=talker_max_new_tokens, talker_sampling=GREEDY_TALKER, **kwargs)
+
+
+@pytest.mark.parametrize("thinker_tokens, talker_tokens, case", [
+    (12, 30, "talker runs past the text (cut by max_new_tokens)"),
+    (12, 6, "talker_max_new_tokens reached before the text ends"),
+    (2, 10, "two-token answer"),
+])
+def test_greedy_speech_matches_reference(speech_checkpoint, model, thinker_tokens, talker_tokens, case):
+    _, hf_model = speech_checkpoint
+    prompt = chat_prompt(0)
+    text, codes, wav = reference_speech(hf_model, prompt, thinker_tokens, talker_tokens)
+    out = ours(model, prompt, thinker_tokens, talker_tokens)
+    assert out.text_ids == text
+    assert out.codes.shape == codes.shape == (16, talker_tokens - 1)
+    assert torch.equal(out.codes, codes)
+    assert out.sample_rate == 24000 and out.audio.dtype == torch.float32
+    assert out.audio.shape == wav.shape == (1920 * codes.shape[1] - 555,)
+    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+
+
+def test_answer_ending_in_eos_matches_reference(speech_checkpoint, model):
+    _, hf_model = speech_checkpoint
+    prompt = chat_prompt(1)
+    free_run, _, _ = reference_speech(hf_model, prompt, 8, 2)
+    eos = free_run[4]                       # pretend the 5th token ends the turn
+    text, codes, wav = reference_speech(hf_model, prompt, 8, 16, eos=eos)
+    out = ours(model, prompt, 8, 16, eos=eos)
+    assert out.text_ids == text and out.text_ids[-1] == eos and out.finish_reason == "eos"
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+
+
+def test_one_token_answer_speaks_instead_of_crashing(model):
+    # The reference crashes here (spec pitfall 5): its assistant part has 8 text rows for 9 codec rows.
+    out = ours(model, chat_prompt(2), 1, 5)
+    assert len(out.text_ids) == 1 and out.codes.shape == (16, 4)
+    assert out.audio.shape == (1920 * 4 - 555,) and torch.isfinite(out.audio).all()
+
+
+def test_no_frames(model):
+    out = ours(model, chat_prompt(2), 3, 1)
+    assert out.codes.shape == (16, 0) and out.audio.numel() == 0
+    assert len(out.text_ids) == 3        # the text is still complete
+
+
+@pytest.mark.parametrize("first_chunk, chunk", [(1, 1), (1, 4), (3, 25)])
+def test_stream_concatenates_to_generate(model, first_chunk, chunk):
+    prompt = chat_prompt(4)
+    full = ours(model, prompt, 6, 12)
+    text, audio, codes, first_audio_at = [], [], [], None
+    for event in model.stream(prompt, max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=12,
+                              talker_sampling=GREEDY_TALKER, first_chunk_frames=first_chunk, chunk_frames=chunk):
+        text += event.text_ids
+        if event.audio is not None:
+            audio.append(event.audio)
+            first_audio_at = first_audio_at if first_audio_at is not None else len(text)
+        if event.codes is not None:
+            codes.append(event.codes)
+    assert text == full.text_ids
+    assert torch.equal(torch.cat(codes, dim=1), full.codes)
+    torch.testing.assert_close(torch.cat(audio), full.audio, atol=1e-5, rtol=0)
+    assert audio[0].numel() == 1920 * first_chunk - 555
+    assert first_audio_at < len(full.text_ids)   # speech starts while the thinker still writes
+
+
+def test_stopping_early_releases_everything(model):
+    prompt = chat_prompt(5)
+    expected = ours(model, prompt, 5, 8)
+    for count, _ in enumerate(model.stream(prompt, max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=8,
+                                           talker_sampling=GREEDY_TALKER)):
+        if count == 2:
+            break
+    again = ours(model, prompt, 5, 8)
+    assert again.text_ids == expected.text_ids and torch.equal(again.codes, expected.codes)
+    assert torch.equal(again.audio, expected.audio)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    prompt = chat_prompt(6)
+    kwargs = dict(max_new_tokens=4, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=6,
+                  thinker_sampling=SamplingParams(temperature=0.8, top_k=20, seed=1),
+                  talker_sampling=SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=2))
+    a, b = model.generate(prompt, **kwargs), model.generate(prompt, **kwargs)
+    assert a.text_ids == b.text_ids and torch.equal(a.codes, b.codes)
+    assert (a.codes[0] < 2048).all()        # codec specials are never sampled as codebook-0 codes
+
+
+def test_bad_speech_requests(model):
+    prompt = chat_prompt(0)
+    with pytest.raises(ValueError, match="unknown speaker 'nobody'.*aiden, chelsie, ethan"):
+        model.generate(prompt, return_audio=True, speaker="nobody")
+    with pytest.raises(ValueError, match="talker_max_new_tokens"):
+        model.generate(prompt, return_audio=True, talker_max_new_tokens=0)
+    with pytest.raises(ValueError, match="assistant"):
+        model.generate(prompt[:, :-3], return_audio=True, talker_max_new_tokens=3)
+    with pytest.raises(ValueError, match="chunk"):
+        next(model.stream(prompt, first_chunk_frames=0))
+    assert len(model.generate(prompt, max_new_tokens=2).text_ids) == 2    # still works afterwards
