@@ -11,15 +11,18 @@ from omni_runtime.config import OmniConfig
 from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
+from omni_runtime.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream
 from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
+from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
+from omni_runtime.multimodal import MediaInputs, build_prompt
 from omni_runtime.pipeline import SpeechOptions, SpeechSession, StageTimer, StreamEvent, ThinkerStream
 from omni_runtime.sampling import Sampler, SamplingParams
 
-# Top-level parts of a Qwen3-Omni checkpoint, and the sub-components loaded apart from the thinker's text model.
+# Top-level parts of a Qwen3-Omni checkpoint, and the encoders loaded apart from the thinker's text model.
 COMPONENTS = ("thinker.", "talker.", "code2wav.")
-THINKER_SUBCOMPONENTS = ("thinker.audio_tower.", "thinker.visual.")
+AUDIO_PREFIX, VISION_PREFIX = "thinker.audio_tower.", "thinker.visual."
 DEFAULT_MAX_SEQ_LEN = 8192
 DEFAULT_TALKER_MAX_NEW_TOKENS = 4096
 SAMPLE_RATE = 24000
@@ -39,10 +42,12 @@ class GenerationOutput:
 
 
 class OmniModel:
-    def __init__(self, config: OmniConfig, thinker: Thinker, talker: Talker | None, code2wav: Code2Wav | None,
-                 device: torch.device, dtype: torch.dtype, max_seq_len: int):
+    def __init__(self, config: OmniConfig, modules: dict[str, torch.nn.Module | None], device: torch.device,
+                 dtype: torch.dtype, max_seq_len: int):
         self.config, self.device, self.dtype = config, device, dtype
-        self.thinker, self.talker, self.code2wav = thinker, talker, code2wav
+        thinker, talker = modules["thinker"], modules.get("talker")
+        self.thinker, self.talker, self.code2wav = thinker, talker, modules.get("code2wav")
+        self.audio_encoder, self.vision_encoder = modules.get("audio_encoder"), modules.get("vision_encoder")
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
         self.talker_runner = None
         if talker is not None:
@@ -62,18 +67,14 @@ class OmniModel:
             raise ValueError(f"max_seq_len={max_seq_len} must lie in [1, {limit}] (the model's max positions)")
         files = checkpoint_files(path)
         check_components(files, COMPONENTS)
-        with torch.device("meta"):
-            thinker = Thinker(config.thinker_text)
-            talker = Talker(config.talker) if config.talker else None
-            code2wav = Code2Wav(Code2WavConfig.from_dict(config.raw["code2wav_config"])) if talker else None
-        load_weights(thinker, files, Thinker.checkpoint_prefix, dtype, device, exclude=THINKER_SUBCOMPONENTS)
-        if talker is not None:
-            load_weights(talker, files, Talker.checkpoint_prefix, dtype, device)
-            load_weights(code2wav, files, "code2wav.", dtype, device)
-        for module in (thinker, talker, code2wav):
-            if module is not None:
-                module.eval()
-        return cls(config, thinker, talker, code2wav, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
+        modules = {}
+        for name, prefix, build in _components(config, files):
+            with torch.device("meta"):
+                modules[name] = build()
+            encoders = tuple(p for p in (AUDIO_PREFIX, VISION_PREFIX) if p != prefix)   # loaded on their own
+            load_weights(modules[name], files, prefix, dtype, device, exclude=encoders)
+            modules[name].eval().requires_grad_(False)
+        return cls(config, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
 
     def code2wav_stream(self) -> Code2WavStream:
         return Code2WavStream(self.code2wav)
@@ -89,15 +90,20 @@ class OmniModel:
         talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
         talker_sampling: SamplingParams | None = None,
         code_predictor_sampling: SamplingParams | None = None,
+        **media,
     ) -> GenerationOutput:
         """The thinker's answer to ``input_ids`` (1-D or [1, T] ids, or a list of ints) and, with
-        ``return_audio=True``, its speech: the concatenation of what :meth:`stream` yields."""
+        ``return_audio=True``, its speech: the concatenation of what :meth:`stream` yields. ``media`` takes the
+        reference processor's names (``input_features``, ``feature_attention_mask``, ``pixel_values``,
+        ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``video_second_per_grid``,
+        ``use_audio_in_video``), as :meth:`prepare` returns them."""
+        media = MediaInputs.from_kwargs(media)
         if not return_audio:
-            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling)[0]
+            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media)[0]
             while not thinker.finished:
                 thinker.step()
             return GenerationOutput(text_ids=thinker.tokens, finish_reason=thinker.finish_reason)
-        session = self._speech_session(input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+        session = self._speech_session(input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
                                        talker_max_new_tokens, talker_sampling, code_predictor_sampling)
         text, codes, audio = [], [], []
         for event in session.events():
@@ -124,33 +130,37 @@ class OmniModel:
         first_chunk_frames: int = 1,
         chunk_frames: int = 4,
         timer: StageTimer | None = None,
+        **media,
     ) -> Iterator[StreamEvent]:
         """Yield text tokens and audio samples as they become final. Their concatenations equal :meth:`generate`'s
         ``text_ids`` and ``audio``. Stopping the iteration early releases everything. ``timer`` (a
-        ``pipeline.StageTimer``) collects the time of each stage."""
+        ``pipeline.StageTimer``) collects the time of each stage. ``media`` as for :meth:`generate`."""
+        media = MediaInputs.from_kwargs(media)
         if not return_audio:
-            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, timer=timer)[0]
+            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
+                                          timer=timer)[0]
             while not thinker.finished:
                 yield StreamEvent(text_ids=[int(thinker.step())])
             return
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
-        session = self._speech_session(input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+        session = self._speech_session(input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
                                        talker_max_new_tokens, talker_sampling, code_predictor_sampling,
                                        first_chunk_frames, chunk_frames, timer)
         yield from session.events()
 
-    def _start_thinker(self, input_ids, max_new_tokens, eos_token_id, sampling, capture_layer=None, timer=None):
+    def _start_thinker(self, input_ids, max_new_tokens, eos_token_id, sampling, media: MediaInputs,
+                       capture_layer=None, timer=None):
         ids = self._check_prompt(input_ids, max_new_tokens)
         sampler = Sampler(sampling or SamplingParams(temperature=0.0), self.device)
-        embeds = self.thinker_runner.embed(ids.view(1, -1))
-        positions = torch.arange(ids.numel(), device=self.device).view(1, 1, -1).expand(3, 1, -1)
         with torch.inference_mode():
-            thinker = ThinkerStream(self.thinker_runner, sampler, ids, embeds, positions,
-                                    self._eos_ids(eos_token_id), max_new_tokens, capture_layer, timer)
-        return thinker, ids, embeds
+            prompt = build_prompt(ids, media, self.config, self.thinker.model.embed_tokens, self.audio_encoder,
+                                  self.vision_encoder)
+            thinker = ThinkerStream(self.thinker_runner, sampler, ids, prompt, self._eos_ids(eos_token_id),
+                                    max_new_tokens, capture_layer, timer)
+        return thinker, ids, prompt.embeds
 
-    def _speech_session(self, input_ids, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+    def _speech_session(self, input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
                         talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
                         chunk_frames=4, timer=None) -> SpeechSession:
         if self.talker is None:
@@ -164,7 +174,7 @@ class OmniModel:
             predictor_sampling = talker_sampling if talker_sampling.greedy else DEFAULT_PREDICTOR_SAMPLING
             if talker_sampling.seed is not None:
                 predictor_sampling = SamplingParams(**{**predictor_sampling.__dict__, "seed": talker_sampling.seed + 1})
-        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling,
+        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
                                                    capture_layer=cfg.accept_hidden_layer, timer=timer)
         needed = ids.numel() + 9 + talker_max_new_tokens
         if needed > self.talker_runner.max_len:
@@ -177,7 +187,7 @@ class OmniModel:
         options = SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
                                 Sampler(predictor_sampling, self.device), talker_max_new_tokens,
                                 first_chunk_frames, chunk_frames)
-        return SpeechSession(self, thinker, ids, embeds, options)
+        return SpeechSession(self, thinker, ids, embeds, media, options)
 
     def _check_prompt(self, input_ids, max_new_tokens: int) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
@@ -205,3 +215,21 @@ class OmniModel:
         if eos_token_id is None:
             return set(self.config.eos_token_ids)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _components(config: OmniConfig, files: dict) -> list[tuple[str, str, callable]]:
+    """(name, checkpoint prefix, constructor) of every part the checkpoint and its config hold."""
+    thinker_raw = config.raw.get("thinker_config", {})
+    has = lambda prefix: any(key.startswith(prefix) for key in files)  # noqa: E731
+    parts = [("thinker", Thinker.checkpoint_prefix, lambda: Thinker(config.thinker_text))]
+    if "audio_config" in thinker_raw and has(AUDIO_PREFIX):
+        parts.append(("audio_encoder", AUDIO_PREFIX,
+                      lambda: AudioEncoder(AudioEncoderConfig.from_dict(thinker_raw["audio_config"]))))
+    if "vision_config" in thinker_raw and has(VISION_PREFIX):
+        parts.append(("vision_encoder", VISION_PREFIX,
+                      lambda: VisionEncoder(VisionEncoderConfig.from_dict(thinker_raw["vision_config"]))))
+    if config.talker is not None:
+        parts.append(("talker", Talker.checkpoint_prefix, lambda: Talker(config.talker)))
+        parts.append(("code2wav", "code2wav.",
+                      lambda: Code2Wav(Code2WavConfig.from_dict(config.raw.get("code2wav_config", {})))))
+    return parts

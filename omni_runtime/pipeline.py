@@ -17,6 +17,7 @@ import torch
 
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
+from omni_runtime.multimodal import MediaInputs, PromptInputs, talker_positions
 from omni_runtime.sampling import Sampler
 
 
@@ -52,12 +53,12 @@ class StageTimer:
 class ThinkerStream:
     """Prefills the thinker on construction; each ``step()`` samples one token and advances the cache."""
 
-    def __init__(self, runner, sampler: Sampler, ids: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                 eos: set[int], max_new_tokens: int, capture_layer: int | None = None, timer: StageTimer | None = None):
+    def __init__(self, runner, sampler: Sampler, ids: torch.Tensor, prompt: PromptInputs, eos: set[int],
+                 max_new_tokens: int, capture_layer: int | None = None, timer: StageTimer | None = None):
         self.runner, self.sampler, self.eos, self.max_new_tokens = runner, sampler, eos, max_new_tokens
         self.timer = timer or StageTimer()
         with self.timer("thinker prefill"):
-            self.logits, self.prompt_hidden = runner.prefill(embeds, positions, capture_layer)
+            self.logits, self.prompt_hidden = runner.prefill(prompt, capture_layer)
         self.history = ids.view(1, -1)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
@@ -95,9 +96,9 @@ class SpeechSession:
     """One spoken answer. ``events()`` drives the thinker and the talker in lockstep and yields what is final."""
 
     def __init__(self, model, thinker: ThinkerStream, ids: torch.Tensor, prompt_embeds: torch.Tensor,
-                 options: SpeechOptions, decode_text=None):
+                 media: MediaInputs, options: SpeechOptions, decode_text=None):
         self.model, self.thinker, self.options, self.decode_text = model, thinker, options, decode_text
-        self.ids, self.prompt_embeds = ids, prompt_embeds
+        self.ids, self.prompt_embeds, self.media = ids, prompt_embeds, media
         talker = model.talker
         self.text = TextConditioner(talker, model.thinker.model.embed_tokens, model.config.tokens)
         self.text.add_prompt(prompt_embeds[:, assistant_start(ids, model.config.tokens):])
@@ -117,7 +118,7 @@ class SpeechSession:
         yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1)
         prefill = talker_prefill_embeds(self.model.talker, cfg, self.model.config.tokens, self.ids, self.prompt_embeds,
                                         self.thinker.prompt_hidden, self.text, opts.speaker_id)
-        positions = torch.arange(prefill.shape[1], device=prefill.device).view(1, 1, -1).expand(3, 1, -1)
+        positions = talker_positions(self.ids, self.media, self.model.config, self.model.vision_encoder)
         with self.timer("talker prefill"):
             logits, hidden = self.runner.prefill(prefill, positions)
         code0 = self._sample_code0(logits)

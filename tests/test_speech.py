@@ -20,7 +20,7 @@ def model(speech_checkpoint):
     return OmniModel.from_pretrained(speech_checkpoint[0])
 
 
-def reference_speech(hf_model, prompt, thinker_max_new_tokens, talker_max_new_tokens, eos=IM_END):
+def reference_speech(hf_model, prompt, thinker_max_new_tokens, talker_max_new_tokens, eos=IM_END, **media):
     """The reference's greedy generate, plus the codes it hands to Code2Wav."""
     captured = {}
     decode = hf_model.code2wav.chunked_decode
@@ -34,7 +34,7 @@ def reference_speech(hf_model, prompt, thinker_max_new_tokens, talker_max_new_to
         with torch.no_grad():
             sequences, wav = hf_model.generate(prompt, thinker_max_new_tokens=thinker_max_new_tokens,
                                                thinker_eos_token_id=eos, talker_do_sample=False, speaker="ethan",
-                                               talker_max_new_tokens=talker_max_new_tokens)
+                                               talker_max_new_tokens=talker_max_new_tokens, **media)
     finally:
         hf_model.code2wav.chunked_decode = decode
     return sequences[0, prompt.shape[1]:].tolist(), captured["codes"][0], wav.flatten()

@@ -36,10 +36,12 @@ def reference_generate(hf_model, prompt, max_new_tokens, eos):
     return out.sequences[0, prompt.shape[1]:].tolist(), torch.cat(out.logits).float()
 
 
-def teacher_forced_logits(model: OmniModel, prompt, tokens):
+def teacher_forced_logits(model: OmniModel, prompt, tokens, **media):
+    from omni_runtime.multimodal import MediaInputs, build_prompt
     runner = model.thinker_runner
-    positions = torch.arange(prompt.shape[1]).view(1, 1, -1).expand(3, 1, -1)
-    logits = [runner.prefill(runner.embed(prompt), positions)[0]]
+    inputs = build_prompt(prompt.view(-1), MediaInputs(**media), model.config, model.thinker.model.embed_tokens,
+                          model.audio_encoder, model.vision_encoder)
+    logits = [runner.prefill(inputs)[0]]
     for token in tokens[:-1]:
         logits.append(runner.decode(torch.tensor([[token]])))
     return torch.cat(logits)

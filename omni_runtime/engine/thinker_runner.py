@@ -6,6 +6,7 @@ import torch
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.engine.decoder_state import DecoderState
 from omni_runtime.models.thinker import Thinker
+from omni_runtime.multimodal import PromptInputs
 
 
 class ThinkerRunner:
@@ -21,11 +22,11 @@ class ThinkerRunner:
         return self.thinker.model.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor,
-                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """embeds: [1, P, H], positions: [3, 1, P] -> (logits [1, V] of the last prompt token, the hidden state
-        number ``capture_layer`` of every prompt position [1, P, H] when asked, for the talker)."""
-        return self.thinker(embeds, self.state.start(positions), self.state.cache, capture_layer)
+    def prefill(self, prompt: PromptInputs, capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (logits [1, V] of the last prompt token, the hidden state number ``capture_layer`` of every prompt
+        position [1, P, H] when asked, for the talker)."""
+        return self.thinker(prompt.embeds, self.state.start(prompt.positions), self.state.cache, capture_layer,
+                            prompt.deepstack)
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.kv_cache import StaticKVCache
 from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext
+from omni_runtime.multimodal import Deepstack
 
 
 class ThinkerTextModel(nn.Module):
@@ -19,15 +20,19 @@ class ThinkerTextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache,
-                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache, capture_layer: int | None = None,
+                deepstack: Deepstack | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [B, T, H] layer-0 inputs -> (final-norm hidden [B, T, H], hidden state number ``capture_layer``:
-        the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``)."""
+        the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``, taken before
+        the DeepStack features of that layer are added)."""
         captured = x if capture_layer == 0 else None
         for index, layer in enumerate(self.layers):
             x = layer(x, ctx, cache.layer(index))   # [B, T, H]
             if index + 1 == capture_layer:
                 captured = x
+            if deepstack is not None and index < len(deepstack.features):
+                x = x.clone()
+                x[:, deepstack.mask] = x[:, deepstack.mask] + deepstack.features[index].to(x.dtype)
         return self.norm(x), captured
 
 
@@ -39,8 +44,8 @@ class Thinker(nn.Module):
         self.model = ThinkerTextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, embeds: torch.Tensor, ctx: StepContext, cache: StaticKVCache,
-                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, embeds: torch.Tensor, ctx: StepContext, cache: StaticKVCache, capture_layer: int | None = None,
+                deepstack: Deepstack | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """embeds: [B, T, H] -> (next-token logits of the last position, fp32 [B, V], captured hidden or None)."""
-        hidden, captured = self.model(embeds, ctx, cache, capture_layer)
+        hidden, captured = self.model(embeds, ctx, cache, capture_layer, deepstack)
         return self.lm_head(hidden[:, -1]).float(), captured

@@ -1,0 +1,111 @@
+"""Audio, image, video and audio-in-video prompts: greedy thinker tokens and logits equal to transformers' on the
+same random checkpoint, and speech from a multimodal prompt equal to the reference's."""
+import numpy as np
+import pytest
+import torch
+
+from omni_runtime import OmniModel, SamplingParams
+from test_positions import IM_END, IM_START, NEWLINE, USER, Prompt
+from test_speech import GREEDY_TALKER, WAVE_ATOL, reference_speech
+from test_thinker_parity import TOLERANCES, reference_generate, teacher_forced_logits
+
+ASSISTANT = 77091
+
+
+def chat(build) -> Prompt:
+    prompt = Prompt(ids=[IM_START, USER, NEWLINE])
+    build(prompt)
+    prompt.ids += [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
+    return prompt
+
+
+def media_inputs(prompt: Prompt, seed: int = 0) -> dict:
+    """Random encoder inputs shaped as the reference processor returns them for this prompt."""
+    g = torch.Generator().manual_seed(seed)
+    media = {}
+    if prompt.mel_frames:
+        longest = max(prompt.mel_frames)
+        media["input_features"] = torch.randn(len(prompt.mel_frames), 128, longest, generator=g) * 0.5
+        media["feature_attention_mask"] = (torch.arange(longest)[None] < torch.tensor(prompt.mel_frames)[:, None]).long()
+    patches = lambda grids: torch.randn(sum(int(np.prod(x)) for x in grids), 3 * 2 * 16 * 16, generator=g)  # noqa: E731
+    if prompt.images:
+        media["pixel_values"], media["image_grid_thw"] = patches(prompt.images), torch.tensor(prompt.images)
+    if prompt.videos:
+        media["pixel_values_videos"], media["video_grid_thw"] = patches(prompt.videos), torch.tensor(prompt.videos)
+        media["video_second_per_grid"] = torch.tensor(prompt.seconds)
+    if prompt.audio_in_video:
+        media["use_audio_in_video"] = True
+    return media
+
+
+CASES = {
+    "audio": lambda p: p.text(3).audio(250).text(4),
+    "image": lambda p: p.image((1, 4, 6)).text(5),
+    "video": lambda p: p.text(2).video((2, 4, 4), 2.0).text(3),
+    "video with its audio": lambda p: p.video_with_audio((2, 4, 4), 2.0, 300).text(2),
+    "two audios and an image": lambda p: p.audio(120).text(2).audio(99).image((1, 4, 4)).text(3),
+    "long audio over several windows": lambda p: p.audio(1700).text(2),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference_checkpoint):
+    return reference_checkpoint()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_multimodal_thinker_matches_reference(checkpoint, case, dtype):
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+    folder, _ = checkpoint
+    hf_model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).eval()
+    model = OmniModel.from_pretrained(folder, dtype=dtype)
+    prompt = chat(CASES[case])
+    media = media_inputs(prompt)
+    ids = torch.tensor([prompt.ids])
+    floats = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in media.items()}
+    with torch.no_grad():
+        out = hf_model.thinker.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                        do_sample=False, eos_token_id=IM_END, output_logits=True,
+                                        return_dict_in_generate=True, **floats)
+    expected, expected_logits = out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits).float()
+    ours = model.generate(ids, max_new_tokens=8, eos_token_id=IM_END, **floats)
+    assert ours.text_ids == expected
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(teacher_forced_logits(model, ids, expected, **floats), expected_logits,
+                               atol=max(atol, 2e-5), rtol=max(rtol, 2e-5))
+
+
+@pytest.mark.parametrize("case", ["audio", "image"])
+def test_speech_from_multimodal_prompt_matches_reference(checkpoint, case):
+    folder, hf_model = checkpoint
+    model = OmniModel.from_pretrained(folder)
+    prompt = chat(CASES[case])
+    media = media_inputs(prompt, seed=1)
+    ids = torch.tensor([prompt.ids])
+    text, codes, wav = reference_speech(hf_model, ids, 6, 12, **media)
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
+                         talker_sampling=GREEDY_TALKER, **media)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+
+
+def test_placeholder_count_must_match_features(checkpoint):
+    model = OmniModel.from_pretrained(checkpoint[0])
+    prompt = chat(CASES["image"])
+    media = media_inputs(prompt)
+    ids = torch.tensor([prompt.ids])
+    with pytest.raises(ValueError, match="grid_thw .* 16 patches but pixel_values has 24 rows"):
+        model.generate(ids, max_new_tokens=2, **media | {"image_grid_thw": torch.tensor([[1, 4, 4]])})
+    short = [t for i, t in enumerate(prompt.ids) if not (t == 151655 and i % 2)]
+    with pytest.raises(ValueError, match="placeholder"):
+        model.generate(torch.tensor([short]), max_new_tokens=2, **media)
+    audio = chat(CASES["audio"])
+    extra = torch.tensor([audio.ids[:5] + [151675] + audio.ids[5:]])
+    with pytest.raises(ValueError, match="audio"):
+        model.generate(extra, max_new_tokens=2, **media_inputs(audio))
+    with pytest.raises(ValueError, match="unknown generate arguments"):
+        model.generate(ids, max_new_tokens=2, pixel_value=media["pixel_values"])
+    assert len(model.generate(torch.tensor([chat(CASES["audio"]).ids]), max_new_tokens=2,
+                              **media_inputs(chat(CASES["audio"]))).text_ids) == 2
