@@ -74,9 +74,6 @@ def log_mel_features(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> t
 def _mono_samples(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
-    if sample_rate != SAMPLE_RATE:
-        raise ValueError(f"audio sampled at {sample_rate} Hz: the model takes {SAMPLE_RATE} Hz audio, and resampling "
-                         "is required but not yet supported; resample to 16 kHz first")
     if not isinstance(waveform, (np.ndarray, torch.Tensor)):
         raise ValueError(f"waveform must be a numpy array or a torch tensor, got {type(waveform).__name__}")
     if not (waveform.is_floating_point() if isinstance(waveform, torch.Tensor) else waveform.dtype.kind == "f"):
@@ -90,15 +87,26 @@ def _mono_samples(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> torc
         raise ValueError(f"waveform must be 1-D (mono) or 2-D (multichannel), got shape {tuple(waveform.shape)}")
     if waveform.numel() == 0:
         raise ValueError("waveform is empty")
-    if waveform.numel() < MIN_SAMPLES:
-        raise ValueError(f"audio too short: {waveform.numel()} samples, at least {MIN_SAMPLES} "
-                         f"({1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms) are needed")
-    if waveform.numel() > MAX_SECONDS * SAMPLE_RATE:
-        raise ValueError(f"audio too long: {waveform.numel() / SAMPLE_RATE:.1f} s, the supported maximum is "
+    if waveform.numel() > MAX_SECONDS * sample_rate:
+        raise ValueError(f"audio too long: {waveform.numel() / sample_rate:.1f} s, the supported maximum is "
                          f"{MAX_SECONDS // 60} minutes ({MAX_SECONDS * SAMPLE_RATE} samples at 16 kHz)")
     if not torch.isfinite(waveform).all():
         raise ValueError("waveform contains NaN or Inf samples")
-    return waveform.to(torch.float32)
+    waveform = resample_to_16k(waveform.to(torch.float32), sample_rate)
+    if waveform.numel() < MIN_SAMPLES:
+        raise ValueError(f"audio too short: {waveform.numel()} samples at 16 kHz, at least {MIN_SAMPLES} "
+                         f"({1000 * MIN_SAMPLES / SAMPLE_RATE:.1f} ms) are needed")
+    return waveform
+
+
+def resample_to_16k(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Band-limited resampling (libsoxr, high quality) of mono float samples to the model's 16 kHz."""
+    if sample_rate == SAMPLE_RATE:
+        return waveform
+    import soxr
+
+    resampled = soxr.resample(waveform.cpu().numpy(), sample_rate, SAMPLE_RATE, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)).to(waveform.device)
 
 
 def _mix_down(waveform: torch.Tensor) -> torch.Tensor:
