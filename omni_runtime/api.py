@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
 from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
@@ -17,6 +18,7 @@ from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 from omni_runtime.multimodal import MediaInputs, build_prompt
+from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import SpeechOptions, SpeechSession, StageTimer, StreamEvent, ThinkerStream
 from omni_runtime.sampling import Sampler, SamplingParams
 
@@ -42,12 +44,13 @@ class GenerationOutput:
 
 
 class OmniModel:
-    def __init__(self, config: OmniConfig, modules: dict[str, torch.nn.Module | None], device: torch.device,
+    def __init__(self, config: OmniConfig, modules: dict, device: torch.device,
                  dtype: torch.dtype, max_seq_len: int):
         self.config, self.device, self.dtype = config, device, dtype
         thinker, talker = modules["thinker"], modules.get("talker")
         self.thinker, self.talker, self.code2wav = thinker, talker, modules.get("code2wav")
         self.audio_encoder, self.vision_encoder = modules.get("audio_encoder"), modules.get("vision_encoder")
+        self.tokenizer, self.image_kwargs = modules.get("tokenizer"), modules.get("image_kwargs")
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
         self.talker_runner = None
         if talker is not None:
@@ -67,7 +70,7 @@ class OmniModel:
             raise ValueError(f"max_seq_len={max_seq_len} must lie in [1, {limit}] (the model's max positions)")
         files = checkpoint_files(path)
         check_components(files, COMPONENTS)
-        modules = {}
+        modules = {"tokenizer": load_tokenizer(path), "image_kwargs": preprocessor_kwargs(path)}
         for name, prefix, build in _components(config, files):
             with torch.device("meta"):
                 modules[name] = build()
@@ -75,6 +78,18 @@ class OmniModel:
             load_weights(modules[name], files, prefix, dtype, device, exclude=encoders)
             modules[name].eval().requires_grad_(False)
         return cls(config, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
+
+    def prepare(self, messages: list[dict], use_audio_in_video: bool = False) -> dict:
+        """A chat (system/user/assistant turns of text, audio, image and video parts) -> the keyword arguments of
+        :meth:`generate`/:meth:`stream`: ``input_ids`` with the right placeholders and the media inputs, equal to
+        what the reference processor produces. Text parts need the checkpoint's tokenizer.json."""
+        merge = self.vision_encoder.cfg.spatial_merge_size if self.vision_encoder is not None else 2
+        return prepare_inputs(messages, self.tokenizer, self.config.tokens, spatial_merge_size=merge,
+                              image_kwargs=self.image_kwargs, use_audio_in_video=use_audio_in_video,
+                              position_id_per_seconds=self.config.position_id_per_seconds, device=self.device)
+
+    def decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None
 
     def code2wav_stream(self) -> Code2WavStream:
         return Code2WavStream(self.code2wav)
@@ -140,7 +155,8 @@ class OmniModel:
             thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
                                           timer=timer)[0]
             while not thinker.finished:
-                yield StreamEvent(text_ids=[int(thinker.step())])
+                ids = [int(thinker.step())]
+                yield StreamEvent(text_ids=ids, text=self.decode(ids))
             return
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
@@ -187,7 +203,7 @@ class OmniModel:
         options = SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
                                 Sampler(predictor_sampling, self.device), talker_max_new_tokens,
                                 first_chunk_frames, chunk_frames)
-        return SpeechSession(self, thinker, ids, embeds, media, options)
+        return SpeechSession(self, thinker, ids, embeds, media, options, self.decode if self.tokenizer else None)
 
     def _check_prompt(self, input_ids, max_new_tokens: int) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)

@@ -9,13 +9,11 @@ from pathlib import Path
 import torch
 
 from omni_runtime.api import SAMPLE_RATE, OmniModel
-from omni_runtime.config import SpecialTokens
 from omni_runtime.demo import demo_checkpoint
 from omni_runtime.pipeline import StageTimer
 from omni_runtime.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NEWLINE_ID = 198
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--text", default="Hello! Who are you?",
                         help="user message; without a tokenizer.json its UTF-8 bytes become the token ids")
     source.add_argument("--ids", help="comma-separated prompt token ids, used as they are")
+    gen.add_argument("--audio", type=Path, action="append", default=[], help="an audio file to hear (repeatable)")
+    gen.add_argument("--image", type=Path, action="append", default=[], help="an image file to see (repeatable)")
     gen.add_argument("--out", type=Path, help="write the spoken answer to this wav file")
     gen.add_argument("--speaker", default="ethan")
     gen.add_argument("--stream", action="store_true", help="print the text as it streams")
@@ -41,17 +41,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_tokenizer(folder: Path):
-    if not (folder / "tokenizer.json").is_file():
-        return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
-
-
-def chat_prompt(text: str, tokens: SpecialTokens, tokenizer) -> list[int]:
-    body = tokenizer.encode(text).ids if tokenizer else list(text.encode("utf-8"))
-    return [tokens.im_start, tokens.user, NEWLINE_ID, *body, tokens.im_end, NEWLINE_ID,
-            tokens.im_start, tokens.assistant, NEWLINE_ID]
+def prompt_inputs(model: OmniModel, args: argparse.Namespace) -> dict:
+    """The user turn (media first, then the text) as generate's keyword arguments."""
+    if args.ids:
+        return {"input_ids": [int(i) for i in args.ids.split(",")]}
+    parts = [{"type": "audio", "audio": path} for path in args.audio]
+    parts += [{"type": "image", "image": path} for path in args.image]
+    if model.tokenizer is not None:
+        parts.append({"type": "text", "text": args.text})
+    else:  # the built-in model has no tokenizer: its "text" is the message's UTF-8 bytes
+        parts.append({"type": "text_ids", "ids": list(args.text.encode("utf-8"))})
+    return model.prepare([{"role": "user", "content": parts}])
 
 
 def latency_table(start: float, first_text: float | None, first_audio: float | None, end: float, tokens: int,
@@ -76,10 +76,8 @@ def latency_table(start: float, first_text: float | None, first_audio: float | N
 def generate(args: argparse.Namespace) -> None:
     folder = args.model or demo_checkpoint()
     model = OmniModel.from_pretrained(folder, device=args.device, dtype=DTYPES[args.dtype])
-    tokenizer = load_tokenizer(folder)
-    decode = (lambda ids: tokenizer.decode(ids)) if tokenizer else str  # noqa: E731
-    prompt = [int(i) for i in args.ids.split(",")] if args.ids else chat_prompt(args.text, model.config.tokens,
-                                                                              tokenizer)
+    decode = model.decode if model.tokenizer else str
+    inputs = prompt_inputs(model, args)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     speak = args.out is not None
     print(f"model: {folder}" + ("" if args.model else " (built-in random model: random tokens, noise for speech)"))
@@ -87,15 +85,15 @@ def generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     first_text = first_audio = None
     text, codes, audio = [], 0, []
-    for event in model.stream(prompt, max_new_tokens=args.max_new_tokens, thinker_sampling=sampling,
-                              return_audio=speak, speaker=args.speaker,
-                              talker_max_new_tokens=args.talker_max_new_tokens, timer=timer):
+    for event in model.stream(max_new_tokens=args.max_new_tokens, thinker_sampling=sampling, return_audio=speak,
+                              speaker=args.speaker, talker_max_new_tokens=args.talker_max_new_tokens, timer=timer,
+                              **inputs):
         now = time.perf_counter()
         if event.text_ids:
             first_text = first_text or now
             text += event.text_ids
             if args.stream:
-                print(decode(event.text_ids), end=" " if not tokenizer else "", flush=True)
+                print(decode(event.text_ids), end="" if model.tokenizer else " ", flush=True)
         if event.audio is not None:
             first_audio = first_audio or now
             audio.append(event.audio)

@@ -109,3 +109,19 @@ def test_placeholder_count_must_match_features(checkpoint):
         model.generate(ids, max_new_tokens=2, pixel_value=media["pixel_values"])
     assert len(model.generate(torch.tensor([chat(CASES["audio"]).ids]), max_new_tokens=2,
                               **media_inputs(chat(CASES["audio"]))).text_ids) == 2
+
+
+def test_prepare_from_raw_audio_then_generate_matches_reference(checkpoint):
+    folder, hf_model = checkpoint
+    model = OmniModel.from_pretrained(folder)
+    rate = 22050
+    wave = (0.3 * np.sin(2 * np.pi * 330 * np.arange(int(1.5 * rate)) / rate)).astype(np.float32)
+    inputs = model.prepare([{"role": "user", "content": [{"type": "audio", "audio": wave, "sample_rate": rate},
+                                                         {"type": "text_ids", "ids": [1000, 1001, 1002]}]}])
+    assert int((inputs["input_ids"] == 151675).sum()) == 20   # 1.5 s: 150 frames -> 13 + 7 tokens
+    out = model.generate(max_new_tokens=5, eos_token_id=IM_END, **inputs)
+    with torch.no_grad():
+        ids = inputs["input_ids"]
+        reference = hf_model.thinker.generate(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                              eos_token_id=IM_END, **inputs)
+    assert out.text_ids == reference[0, ids.shape[1]:].tolist()

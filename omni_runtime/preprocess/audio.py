@@ -60,7 +60,7 @@ def log_mel_features(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> t
     ``waveform``: mono float samples in [-1, 1], 1-D; or 2-D multichannel, mixed down to mono by averaging the
     channels: [channels, samples] when the first dimension is at most 8, else [samples, channels] when the second is.
     Computed on the tensor's device (CPU for numpy input)."""
-    samples = _mono_samples(waveform, sample_rate)                             # [S]
+    samples = mono_waveform_16k(waveform, sample_rate)                             # [S]
     window = torch.hann_window(N_FFT, device=samples.device)
     stft = torch.stft(samples[None], N_FFT, HOP_LENGTH, window=window, return_complex=True)  # [1, bins, T + 1]
     power = (stft[..., :-1].abs() ** 2).contiguous()
@@ -71,7 +71,8 @@ def log_mel_features(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> t
     return features, features.shape[1]
 
 
-def _mono_samples(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+def mono_waveform_16k(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """A validated mono float32 waveform at 16 kHz (mixed down and resampled as needed), or a ValueError."""
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
     if not isinstance(waveform, (np.ndarray, torch.Tensor)):
