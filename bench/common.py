@@ -1,6 +1,7 @@
 """Shared pieces of the benchmark scripts: environment rows, timing, result files."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -13,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 sys.path.insert(0, str(ROOT / "tests"))  # hf_checkpoints: random reference checkpoints written by transformers
 
 
@@ -54,3 +56,23 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / f"{name}_{slug}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def model_parser(doc: str) -> argparse.ArgumentParser:
+    """Arguments shared by the scripts that build a random checkpoint: device, dtype, thinker size, repeats."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    return p
+
+
+def model_config(args: argparse.Namespace, **overrides) -> dict:
+    """``tests/hf_checkpoints.omni_config_dict`` arguments for the thinker size the flags ask for."""
+    return dict(hidden=args.hidden, layers=args.layers, heads=8, kv_heads=2, head_dim=args.hidden // 8,
+                experts=args.experts, top_k=args.top_k, moe_intermediate=args.hidden // 2,
+                mrope_section=(args.hidden // 48, args.hidden // 64, args.hidden // 64)) | overrides

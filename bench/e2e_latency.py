@@ -8,34 +8,25 @@ first audio packet comes at its total time. Prints a table and writes bench/resu
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import environment, save
+from common import DTYPES, environment, model_config, model_parser, save
 
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.pipeline import StageTimer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
-FRAME_SECONDS = 0.08
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--experts", type=int, default=32)
+    p = model_parser(__doc__)
     p.add_argument("--talker-hidden", type=int, default=256)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--talker-tokens", type=int, default=48, help="talker_max_new_tokens (frames + 1)")
-    p.add_argument("--repeats", type=int, default=3)
     return p.parse_args()
 
 
@@ -82,12 +73,9 @@ def main():
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model_config = dict(hidden=args.hidden, layers=args.layers, heads=8, kv_heads=2, head_dim=args.hidden // 8,
-                        experts=args.experts, top_k=4, moe_intermediate=args.hidden // 2,
-                        mrope_section=(args.hidden // 48, args.hidden // 64, args.hidden // 64),
-                        talker_hidden=args.talker_hidden, talker_layers=4, talker_experts=32)
+    config = model_config(args, talker_hidden=args.talker_hidden, talker_layers=4, talker_experts=32)
     folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
-    save_reference_checkpoint(folder, omni_config_dict(**model_config))
+    save_reference_checkpoint(folder, omni_config_dict(**config))
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     ours = OmniModel.from_pretrained(folder, device=device, dtype=dtype)
     prompt = prompt_ids().to(device)
@@ -103,7 +91,7 @@ def main():
     thinker_s = (stages.get("thinker prefill", 0) + stages.get("thinker decode", 0)) / 1e3
     talker_s = sum(stages.get(k, 0) for k in ("talker prefill", "talker decode", "code predictor")) / 1e3
     result = {
-        "bench": "e2e_latency", "env": environment(device), "dtype": args.dtype, "model": model_config,
+        "bench": "e2e_latency", "env": environment(device), "dtype": args.dtype, "model": config,
         "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens,
         "same_text": ref["text"] == mine["text"], "same_audio_length": ref["samples"] == mine["samples"],
         "audio_seconds": audio_s, "results": rows,

@@ -7,29 +7,18 @@ the first token are excluded the same way. Prints a table and writes bench/resul
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import torch
-from common import environment, median_of, save
+from common import DTYPES, environment, median_of, model_config, model_parser, save
 
 from omni_runtime import OmniModel, SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
+    p = model_parser(__doc__)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
     return p.parse_args()
 
 
@@ -39,11 +28,9 @@ def main():
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model_config = dict(hidden=args.hidden, layers=args.layers, heads=8, kv_heads=2, head_dim=args.hidden // 8,
-                        experts=args.experts, top_k=args.top_k, moe_intermediate=args.hidden // 2,
-                        mrope_section=(args.hidden // 48, args.hidden // 64, args.hidden // 64))
+    config = model_config(args)
     folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
-    save_reference_checkpoint(folder, omni_config_dict(**model_config))
+    save_reference_checkpoint(folder, omni_config_dict(**config))
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     ours = OmniModel.from_pretrained(folder, device=device, dtype=dtype)
     prompt = torch.randint(1000, 150000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
@@ -66,7 +53,7 @@ def main():
         full = median_of(lambda: run(n), device, args.repeats)
         rows[name] = {"prefill_and_first_token_ms": 1e3 * first, "decode_ms_per_token": 1e3 * (full - first) / (n - 1)}
     ratio = {k: rows["transformers"][k] / rows["omni-runtime"][k] for k in rows["omni-runtime"]}
-    result = {"bench": "thinker_decode", "env": environment(device), "dtype": args.dtype, "model": model_config,
+    result = {"bench": "thinker_decode", "env": environment(device), "dtype": args.dtype, "model": config,
               "vocab": 152064, "prompt_tokens": args.prompt, "new_tokens": n, "greedy_tokens_equal": same_tokens,
               "results": rows, "speedup": ratio}
     path = save("thinker_decode", result)
