@@ -2,11 +2,18 @@
 
 One op because a kernel does all of it in one pass over q/k/v (read once, write q and the cache slots once).
 The cache layout is (B, kv_heads, max_len, head_dim); ``cache_positions`` are the slots the T new tokens occupy.
+
+The Triton kernel (``_qk_norm_rope_kernel``) takes a tile of [tokens, heads, head_dim] per program, query heads and
+key heads in separate head blocks of one grid. It repeats the reference's roundings: fp32 statistics, the normalised
+row cast to the input dtype, the weight multiply, both rotary products and their sum each rounded to the dtype.
+The rotate-half partner ``x[(d + D/2) % D]`` is a second load of the same row, so no register shuffles are needed.
+Cache slots come from the ``cache_positions`` tensor, so the launch is the same for every step (graph-safe).
 """
 from __future__ import annotations
 
 import torch
 
+from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 from omni_kernels.rms_norm import rms_norm_ref
 from omni_kernels.rope import apply_rope_ref
@@ -40,6 +47,143 @@ def qk_norm_rope_ref(
 
 
 REGISTRY.register("qk_norm_rope", "torch", everywhere)(qk_norm_rope_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    # one rounding to the activation dtype, kept in fp32 for the next product (a no-op for fp32)
+    return x.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _norm_rope_tile(x_ptr, sxb, sxt, sxh, sxd, w_ptr, b, t, h, d, mask, cos, sin, eps, head_dim,
+                    HALF: tl.constexpr, HAS_NORM: tl.constexpr, DTYPE: tl.constexpr):
+    # b, t: [BT, 1, 1], h: [1, BH, 1], d: [1, 1, BD] -> the rotated rows [BT, BH, BD] in fp32 (already rounded)
+    row = x_ptr + b * sxb + t * sxt + h * sxh
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    x = tl.load(row + d * sxd, mask=mask, other=0.0).to(tl.float32)
+    x_rot = tl.load(row + partner * sxd, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        # 1 / sqrt, both correctly rounded like torch's CPU rsqrt (plain `/` is approximate on GPUs)
+        std = tl.sqrt_rn(tl.sum(x * x, axis=2) / head_dim + eps)                              # [BT, BH]
+        rstd = tl.div_rn(tl.full(std.shape, 1.0, tl.float32), std)
+        d_ok = d < head_dim
+        w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        w_rot = tl.load(w_ptr + partner, mask=d_ok, other=0.0).to(tl.float32)
+        x = _round(w * _round(x * rstd[:, :, None], DTYPE), DTYPE)
+        x_rot = _round(w_rot * _round(x_rot * rstd[:, :, None], DTYPE), DTYPE)
+    x_rot = tl.where(d < HALF, -x_rot, x_rot)                                                 # rotate_half
+    return _round(x * cos, DTYPE) + _round(x_rot * sin, DTYPE)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, kc_ptr, vc_ptr,
+    sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
+    scb, sct, scd, ssb, sst, ssd, sob, soh, sot, sod,
+    skcb, skch, skcs, skcd, svcb, svch, svcs, svcd,
+    num_tokens, seq_len, q_heads, kv_heads, head_dim, q_blocks, eps,
+    HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = (tok // seq_len).to(tl.int64)[:, None, None]
+    t = (tok % seq_len)[:, None, None]
+    tok_ok = (tok < num_tokens)[:, None, None]
+    d = tl.arange(0, BLOCK_D)[None, None, :]
+    d_ok = d < head_dim
+    cos = tl.load(cos_ptr + b * scb + t * sct + d * scd, mask=tok_ok & d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + b * ssb + t * sst + d * ssd, mask=tok_ok & d_ok, other=0.0).to(tl.float32)
+    # query and key branches use their own names: Triton types names bound in both branches of a runtime `if`
+    if pid_h < q_blocks:
+        hq = (pid_h * BLOCK_HQ + tl.arange(0, BLOCK_HQ))[None, :, None]
+        q_mask = tok_ok & (hq < q_heads) & d_ok
+        q_out = _norm_rope_tile(q_ptr, sqb, sqt, sqh, sqd, qw_ptr, b, t, hq, d, q_mask, cos, sin, eps, head_dim,
+                                HALF, HAS_NORM, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * sob + hq * soh + t * sot + d * sod, q_out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        hk = ((pid_h - q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK))[None, :, None]
+        k_mask = tok_ok & (hk < kv_heads) & d_ok
+        slot = tl.load(pos_ptr + t, mask=tok_ok, other=0).to(tl.int64)                         # [BT, 1, 1]
+        k_out = _norm_rope_tile(k_ptr, skb, skt, skh, skd, kw_ptr, b, t, hk, d, k_mask, cos, sin, eps, head_dim,
+                                HALF, HAS_NORM, kc_ptr.dtype.element_ty)
+        tl.store(kc_ptr + b * skcb + hk * skch + slot * skcs + d * skcd, k_out.to(kc_ptr.dtype.element_ty),
+                 mask=k_mask)
+        v = tl.load(v_ptr + b * svb + t * svt + hk * svh + d * svd, mask=k_mask, other=0.0)
+        tl.store(vc_ptr + b * svcb + hk * svch + slot * svcs + d * svcd, v, mask=k_mask)
+
+
+# -------------------------------------------------------------------------------------------------------- launcher
+def _config(tokens: int, q_heads: int, kv_heads: int, head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_HQ, BLOCK_HK, BLOCK_D): about 2k elements a program on a GPU, 64k in the interpreter."""
+    block_d = triton.next_power_of_2(head_dim)
+    elems = 65536 if INTERPRET else 2048
+    block_hq = min(triton.next_power_of_2(q_heads), max(1, elems // block_d))
+    block_hk = min(triton.next_power_of_2(kv_heads), block_hq)
+    block_t = min(triton.next_power_of_2(tokens), max(1, elems // (block_hq * block_d)))
+    return block_t, block_hq, block_hk, block_d
+
+
+@torch.library.custom_op("omni::qk_norm_rope_triton", mutates_args=("k_cache", "v_cache", "out"))
+def _qk_norm_rope_triton_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+    v_cache: torch.Tensor, cache_positions: torch.Tensor, out: torch.Tensor,
+) -> None:
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    block_t, block_hq, block_hk, block_d = _config(B * T, Hq, Hkv, D)
+    q_blocks = triton.cdiv(Hq, block_hq)
+    grid = (triton.cdiv(B * T, block_t), q_blocks + triton.cdiv(Hkv, block_hk))
+    has_norm = q_norm_weight is not None
+    _qk_norm_rope_kernel[grid](
+        q, k, v, q_norm_weight if has_norm else q, k_norm_weight if has_norm else q, cos, sin, cache_positions,
+        out, k_cache, v_cache, *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), *k_cache.stride(), *v_cache.stride(),
+        B * T, T, Hq, Hkv, D, q_blocks, eps,
+        HAS_NORM=has_norm, HALF=D // 2, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=4,
+    )
+
+
+@_qk_norm_rope_triton_op.register_fake
+def _(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions, out):
+    return None
+
+
+def triton_supports(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache) -> bool:
+    """The kernel rounds in one dtype: every tensor (weights and tables included) must share q's dtype."""
+    tensors = [t for t in (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache) if t is not None]
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.shape[-1] % 2 == 0
+            and q.shape[-1] <= 1024 and all(t.dtype == q.dtype and t.device == q.device for t in tensors)
+            and (q_norm_weight is None) == (k_norm_weight is None))
+
+
+def qk_norm_rope_triton(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions):
+    """Triton launcher; see :func:`qk_norm_rope_ref`. Returns a contiguous (B, Hq, T, D) query tensor."""
+    if not triton_supports(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache):
+        raise ValueError(f"qk_norm_rope (triton): needs one dtype (fp32/fp16/bf16) for every tensor and an even "
+                         f"head_dim <= 1024, got q {q.dtype} {tuple(q.shape)}, cache {k_cache.dtype}, cos {cos.dtype}")
+    B, T, Hq, D = q.shape
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # tables shared by the batch get a 0 stride
+    _qk_norm_rope_triton_op(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                            cache_positions, out)
+    return out
+
+
+@REGISTRY.register("qk_norm_rope", "triton", triton_runs)
+def _qk_norm_rope_triton_or_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                cache_positions):
+    # Selected per device before the call; mixed dtypes (the kernel rounds in one) fall back to the reference.
+    if not triton_supports(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache):
+        return qk_norm_rope_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                cache_positions)
+    return qk_norm_rope_triton(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                               cache_positions)
 
 
 def qk_norm_rope(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions):
