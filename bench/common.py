@@ -68,7 +68,13 @@ def model_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, help="torch CPU threads for both runtimes (default: torch's choice)")
     return p
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def model_config(args: argparse.Namespace, **overrides) -> dict:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import DTYPES, environment, model_config, model_parser, save
+from common import DTYPES, apply_threads, environment, model_config, model_parser, save
 
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.pipeline import StageTimer
@@ -24,7 +24,9 @@ IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
 
 def parse_args():
     p = model_parser(__doc__)
-    p.add_argument("--talker-hidden", type=int, default=256)
+    p.add_argument("--talker-hidden", type=int, default=48, help="talker and code predictor width")
+    p.add_argument("--talker-layers", type=int, default=2)
+    p.add_argument("--talker-experts", type=int, default=8)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--talker-tokens", type=int, default=48, help="talker_max_new_tokens (frames + 1)")
     return p.parse_args()
@@ -69,11 +71,13 @@ def median_run(fn, repeats):
 
 def main():
     args = parse_args()
+    apply_threads(args)
     from hf_checkpoints import omni_config_dict, save_reference_checkpoint
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config = model_config(args, talker_hidden=args.talker_hidden, talker_layers=4, talker_experts=32)
+    config = model_config(args, talker_hidden=args.talker_hidden, talker_layers=args.talker_layers,
+                          talker_experts=args.talker_experts)
     folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
     save_reference_checkpoint(folder, omni_config_dict(**config))
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import DTYPES, environment, median_of, model_config, model_parser, save
+from common import DTYPES, apply_threads, environment, median_of, model_config, model_parser, save
 
 from omni_runtime import OmniModel, SamplingParams
 
@@ -24,6 +24,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    apply_threads(args)
     from hf_checkpoints import omni_config_dict, save_reference_checkpoint
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
