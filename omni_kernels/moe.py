@@ -96,26 +96,28 @@ def fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, share
     return out if shared is None else out + shared_expert_ref(x, shared)
 
 
-@torch.library.custom_op("omni::fused_moe_ref", mutates_args=())
-def _fused_moe_ref_op(
-    x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
-    renormalize: bool, shared_gate_proj: torch.Tensor | None, shared_up_proj: torch.Tensor | None,
-    shared_down_proj: torch.Tensor | None, shared_gate: torch.Tensor | None,
-) -> torch.Tensor:
-    shared = None if shared_gate is None else SharedExpert(shared_gate_proj, shared_up_proj, shared_down_proj,
-                                                          shared_gate)
-    return fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
+def fused_moe_custom_op(name: str, impl):
+    """``impl(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)`` as the torch custom op
+    ``omni::<name>`` (the shared expert flattened into optional tensors), with a fake implementation, so that
+    torch.compile traces it as one opaque op; returns a function of the ``fused_moe`` signature calling it."""
+
+    @torch.library.custom_op(f"omni::{name}", mutates_args=())
+    def op(
+        x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
+        renormalize: bool, shared_gate_proj: torch.Tensor | None, shared_up_proj: torch.Tensor | None,
+        shared_down_proj: torch.Tensor | None, shared_gate: torch.Tensor | None,
+    ) -> torch.Tensor:
+        shared = None if shared_gate is None else SharedExpert(shared_gate_proj, shared_up_proj, shared_down_proj,
+                                                              shared_gate)
+        return impl(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
+
+    op.register_fake(lambda x, *args: torch.empty_like(x))
+    return lambda x, router_weight, w_gate_up, w_down, top_k, renormalize, shared: op(
+        x, router_weight, w_gate_up, w_down, top_k, renormalize, *(shared or (None,) * 4))
 
 
-@_fused_moe_ref_op.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-@REGISTRY.register("fused_moe", "torch", everywhere)
-def _fused_moe_torch(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared):
-    # Behind a custom op: the sort/bincount/grouped GEMM have data-dependent shapes that torch.compile cannot trace.
-    return _fused_moe_ref_op(x, router_weight, w_gate_up, w_down, top_k, renormalize, *(shared or (None,) * 4))
+# Behind a custom op: the sort/bincount/grouped GEMM have data-dependent shapes that torch.compile cannot trace.
+REGISTRY.register("fused_moe", "torch", everywhere)(fused_moe_custom_op("fused_moe_ref", fused_moe_ref))
 
 
 def fused_moe(
@@ -586,22 +588,5 @@ def fused_moe_triton(x, router_weight, w_gate_up, w_down, top_k, renormalize, sh
     return out if shared is None else out + shared_expert_ref(x, shared)
 
 
-@torch.library.custom_op("omni::fused_moe_triton", mutates_args=())
-def _fused_moe_triton_op(
-    x: torch.Tensor, router_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
-    renormalize: bool, shared_gate_proj: torch.Tensor | None, shared_up_proj: torch.Tensor | None,
-    shared_down_proj: torch.Tensor | None, shared_gate: torch.Tensor | None,
-) -> torch.Tensor:
-    shared = None if shared_gate is None else SharedExpert(shared_gate_proj, shared_up_proj, shared_down_proj,
-                                                          shared_gate)
-    return fused_moe_triton(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
-
-
-@_fused_moe_triton_op.register_fake
-def _(x, *args):
-    return x.new_empty(x.shape)
-
-
-@REGISTRY.register("fused_moe", "triton", triton_runs)
-def _fused_moe_triton(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared):
-    return _fused_moe_triton_op(x, router_weight, w_gate_up, w_down, top_k, renormalize, *(shared or (None,) * 4))
+REGISTRY.register("fused_moe", "triton", triton_runs)(
+    fused_moe_custom_op("fused_moe_triton", lambda *args: fused_moe_triton(*args)))  # late-bound: tests patch it
