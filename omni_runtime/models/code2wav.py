@@ -113,9 +113,11 @@ class CausalConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv1d(in_channels, out_channels, kernel, dilation=dilation, groups=groups)
 
-    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None,
+                snake: SnakeBeta | None = None) -> torch.Tensor:
+        """``snake``: a SnakeBeta applied to the input first, fused into the conv (the state holds its output)."""
         y, context = causal_conv1d(x, self.conv.weight, self.conv.bias, self.conv.dilation[0], self.conv.groups,
-                                   _carried(stream, self))
+                                   _carried(stream, self), **_snake(snake))
         _carry(stream, self, context)
         return y   # [B, C_out, L]
 
@@ -125,11 +127,16 @@ class CausalTransConv(nn.Module):
         super().__init__()
         self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel, stride=stride)
 
-    def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stream: StreamState | None = None,
+                snake: SnakeBeta | None = None) -> torch.Tensor:
         y, lookahead = causal_conv_transpose1d(x, self.conv.weight, self.conv.bias, self.conv.stride[0],
-                                               _carried(stream, self))
+                                               _carried(stream, self), **_snake(snake))
         _carry(stream, self, lookahead)
         return y   # [B, C_out, L * stride] (minus stride on the first call for kernel 2 * stride)
+
+
+def _snake(activation: SnakeBeta | None) -> dict:
+    return {} if activation is None else {"snake": (activation.alpha, activation.beta)}
 
 
 class SnakeBeta(nn.Module):
@@ -166,8 +173,8 @@ class ResidualUnit(nn.Module):
         self.conv2 = CausalConv(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
-        h = self.conv1(self.act1(x), stream)
-        return self.conv2(self.act2(h), stream) + x
+        h = self.conv1(x, stream, snake=self.act1)
+        return self.conv2(h, stream, snake=self.act2) + x
 
 
 class DecoderBlock(nn.Module):
@@ -177,8 +184,10 @@ class DecoderBlock(nn.Module):
                                     *(ResidualUnit(out_dim, dilation) for dilation in (1, 3, 9))])
 
     def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
-        for layer in self.block:
-            x = layer(x, stream)
+        snake, upsample, *residual_units = self.block
+        x = upsample(x, stream, snake=snake)
+        for unit in residual_units:
+            x = unit(x, stream)
         return x
 
 
