@@ -44,6 +44,7 @@ class KernelRegistry:
         self._kernels: dict[str, dict[str, Kernel]] = {}
         self._forced_global = _check_backend(forced)
         self._forced_per_op: dict[str, str] = {}
+        self._selected: dict[tuple[str, torch.device], Kernel] = {}   # decided per (op, device); reset on changes
 
     def register(self, op: str, backend: str, runs_on: Callable[[torch.device], bool]):
         """Decorator: ``fn`` implements ``op`` on ``backend`` for the devices where ``runs_on(device)`` holds."""
@@ -51,6 +52,7 @@ class KernelRegistry:
 
         def decorate(fn: Callable) -> Callable:
             self._kernels.setdefault(op, {})[backend] = Kernel(op, backend, fn, runs_on)
+            self._selected.clear()
             return fn
 
         return decorate
@@ -58,6 +60,7 @@ class KernelRegistry:
     def set_backend(self, backend: str | None, op: str | None = None) -> None:
         """Force ``backend`` for ``op`` (or for every op when ``op`` is None); None removes the override."""
         _check_backend(backend)
+        self._selected.clear()
         if op is None:
             self._forced_global = backend
         elif backend is None:
@@ -69,6 +72,12 @@ class KernelRegistry:
         return self._forced_per_op.get(op, self._forced_global)
 
     def select(self, op: str, device: torch.device) -> Kernel:
+        key = (op, device)
+        if key not in self._selected:   # every eager op call asks: keep the answer, not the search
+            self._selected[key] = self._search(op, device)
+        return self._selected[key]
+
+    def _search(self, op: str, device: torch.device) -> Kernel:
         kernels = self._kernels[op]
         forced = self.forced(op)
         candidate = kernels.get(forced) if forced else None
