@@ -98,7 +98,8 @@ def bench_decode(table: Table, dtype, contexts, batches):
     for B in batches:
         for ctx in contexts:
             q = torch.randn(B, HQ, 1, D, device="cuda", dtype=dtype)
-            k, v = (torch.randn(B, HKV, ctx, D, device="cuda", dtype=dtype) for _ in range(2))
+            k = torch.randn(B, HKV, ctx, D, device="cuda", dtype=dtype)
+            v = torch.randn(B, HKV, ctx, D, device="cuda", dtype=dtype)
             seq_lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
             nbytes = 2 * k.numel() * k.element_size() + 2 * q.numel() * q.element_size()
             case = {"B": B, "ctx": ctx}
@@ -124,7 +125,6 @@ def bench_decode(table: Table, dtype, contexts, batches):
             if table.bw:
                 ms = nbytes / table.bw * 1e3
                 table.add("decode", case, "target (HBM floor)", {"ms": ms, "ms_graph": ms, "GB/s": table.bw / 1e9})
-            del k, v
 
 
 def bench_prefill(table: Table, dtype, lengths):

@@ -1,6 +1,7 @@
 """Audio and vision encoder time and peak memory: omni-runtime against transformers' encoders, same weights.
 
-    python bench/encoders.py [--device cpu] [--size tiny|released] [--audio-seconds 10 300 2400] [--skip-reference-over 300]
+    python bench/encoders.py [--device cpu] [--size tiny|released] [--audio-seconds 10 300 2400]
+                             [--skip-reference-over 300]
 
 Audio: 10 s, 5 min and 40 min of log-mel input. Vision: one 1280x720 image and 10 s of 1280x720 video at 2 fps,
 preprocessed as the reference processor does. ``--size released`` uses the released encoder widths (GPU); the
@@ -109,8 +110,8 @@ def main():
     ref_vision = Qwen3OmniMoeVisionEncoder(Qwen3OmniMoeVisionEncoderConfig(**vision_cfg)).to(device, dtype).eval()
     our_audio = ours_from(ref_audio, lambda: AudioEncoder(AudioEncoderConfig.from_dict(ref_audio.config.to_dict())),
                           "thinker.audio_tower.", dtype, device)
-    our_vision = ours_from(ref_vision, lambda: VisionEncoder(VisionEncoderConfig.from_dict(ref_vision.config.to_dict())),
-                           "thinker.visual.", dtype, device)
+    build_vision = lambda: VisionEncoder(VisionEncoderConfig.from_dict(ref_vision.config.to_dict()))  # noqa: E731
+    our_vision = ours_from(ref_vision, build_vision, "thinker.visual.", dtype, device)
     rows = []
     for seconds in args.audio_seconds:
         frames = int(seconds * 100)

@@ -15,7 +15,8 @@ from omni_kernels.rvq_lookup import rvq_embed_mean, rvq_embed_mean_ref
 
 __all__ = [
     "BACKENDS", "SharedExpert", "apply_rope_ref", "attention", "attention_ref", "causal_conv1d", "causal_conv1d_ref",
-    "causal_conv_transpose1d", "causal_conv_transpose1d_ref", "decode_attention", "decode_attention_ref", "fused_moe", "fused_moe_ref", "moe_experts_ref",
+    "causal_conv_transpose1d", "causal_conv_transpose1d_ref", "decode_attention", "decode_attention_ref", "fused_moe",
+    "fused_moe_ref", "moe_experts_ref",
     "moe_route_ref", "mrope_cos_sin_ref", "qk_norm_rope", "qk_norm_rope_ref", "rms_norm", "rms_norm_ref",
     "rope_inv_freq", "rvq_embed_mean", "rvq_embed_mean_ref", "selected_backend", "set_backend", "snake_beta",
     "snake_beta_ref", "use_backend",

@@ -293,7 +293,7 @@ def _prefill_config(q_len: int, head_dim: int, dtype: torch.dtype) -> tuple[int,
 
 
 def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, num_stages): K and V tiles of num_stages x 2 x BLOCK_N x head_dim stay within Hopper's shared memory."""
+    """(BLOCK_N, num_stages): K and V tiles of num_stages x 2 x BLOCK_N x head_dim fit Hopper's shared memory."""
     if INTERPRET:
         return 128, 1
     if dtype == torch.float32 or _block_d(head_dim) > 128:

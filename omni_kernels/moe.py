@@ -52,7 +52,9 @@ def _aligned_16(*tensors: torch.Tensor) -> bool:
 def _grouped_gemm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not _aligned_16(x, weight):
         return False
-    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    if x.device.type == "cpu":
+        return True
+    return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
 
 
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -79,13 +79,11 @@ def build_prompt(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, embe
     """ids: [P] -> the thinker's prefill inputs."""
     tokens = config.tokens
     embeds = embed_tokens(ids.view(1, -1))
-    audio_lengths = None
     if media.has_audio:
         if audio_encoder is None:
             raise ValueError("audio input needs the checkpoint's audio encoder (thinker.audio_tower), absent here")
         audio = audio_features(media, audio_encoder)
         _scatter(embeds, ids == tokens.audio, audio, "audio")
-        audio_lengths = [int((ids == tokens.audio).sum())] if audio.shape[0] else None
     visual_masks, deepstacks = [], []
     for pixels, grid, token, what in ((media.pixel_values, media.image_grid_thw, tokens.image, "image"),
                                       (media.pixel_values_videos, media.video_grid_thw, tokens.video, "video")):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from omni_runtime import OmniModel, SamplingParams
+from omni_runtime import OmniModel
 from test_positions import IM_END, IM_START, NEWLINE, USER, Prompt
 from test_speech import GREEDY_TALKER, WAVE_ATOL, reference_speech
-from test_thinker_parity import TOLERANCES, reference_generate, teacher_forced_logits
+from test_thinker_parity import TOLERANCES, teacher_forced_logits
 
 ASSISTANT = 77091
 
@@ -26,7 +26,8 @@ def media_inputs(prompt: Prompt, seed: int = 0) -> dict:
     if prompt.mel_frames:
         longest = max(prompt.mel_frames)
         media["input_features"] = torch.randn(len(prompt.mel_frames), 128, longest, generator=g) * 0.5
-        media["feature_attention_mask"] = (torch.arange(longest)[None] < torch.tensor(prompt.mel_frames)[:, None]).long()
+        frames = torch.tensor(prompt.mel_frames)
+        media["feature_attention_mask"] = (torch.arange(longest)[None] < frames[:, None]).long()
     patches = lambda grids: torch.randn(sum(int(np.prod(x)) for x in grids), 3 * 2 * 16 * 16, generator=g)  # noqa: E731
     if prompt.images:
         media["pixel_values"], media["image_grid_thw"] = patches(prompt.images), torch.tensor(prompt.images)

@@ -22,7 +22,8 @@ class ThinkerRunner:
         return self.thinker.model.embed_tokens(token_ids)
 
     @torch.inference_mode()
-    def prefill(self, prompt: PromptInputs, capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def prefill(self, prompt: PromptInputs,
+                capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (logits [1, V] of the last prompt token, the hidden state number ``capture_layer`` of every prompt
         position [1, P, H] when asked, for the talker)."""
         return self.thinker(prompt.embeds, self.state.start(prompt.positions), self.state.cache, capture_layer,
