@@ -10,8 +10,9 @@ import torch
 
 from omni_runtime.config import TalkerConfig
 from omni_runtime.engine.decoder_state import DecoderState
+from omni_runtime.engine.graphs import CodePredictorGraph
 from omni_runtime.models.talker import Talker
-from omni_runtime.sampling import Sampler
+from omni_runtime.sampling import Sampler, SamplingParams
 
 
 class TalkerRunner:
@@ -19,6 +20,10 @@ class TalkerRunner:
         self.talker, self.cfg = talker, cfg
         self.state = DecoderState(cfg.text, max_len, device, dtype)
         self.predictor = DecoderState(cfg.code_predictor, cfg.num_code_groups, device, dtype, multimodal_rope=False)
+        self.greedy_predictor = Sampler(SamplingParams(temperature=0.0), device)
+        self.predictor_graph = CodePredictorGraph(
+            lambda hidden, code0: self._predict(hidden, code0, self.greedy_predictor), cfg.text.hidden_size, dtype,
+            device)
 
     @property
     def max_len(self) -> int:
@@ -40,7 +45,14 @@ class TalkerRunner:
     def predict_residuals(self, hidden: torch.Tensor, code0: torch.Tensor,
                           sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: [1, 1, H] talker state that produced ``code0`` ([1]) -> (codes of codebooks 1..Q-1 [Q-1],
-        the next talker input before text conditioning: the sum of the frame's Q code embeddings [1, 1, H])."""
+        the next talker input before text conditioning: the sum of the frame's Q code embeddings [1, 1, H]).
+        Greedy frames replay a captured CUDA graph on a GPU."""
+        if sampler.params.greedy:
+            return self.predictor_graph(hidden, code0)
+        return self._predict(hidden, code0, sampler)
+
+    def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
+                 sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self.talker.code_predictor
         embeds = [self.talker.model.codec_embedding(code0.view(1, 1))]                    # Q x [1, 1, H]
         x = torch.cat([hidden, embeds[0]], dim=1)                                         # [1, 2, H]

@@ -1,0 +1,41 @@
+"""CUDA-graph replay of the code predictor's frame equals its eager run, for changing inputs."""
+import pytest
+import torch
+
+from omni_runtime import OmniModel
+from omni_runtime.sampling import Sampler, SamplingParams
+
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code_predictor_graph_replays_like_eager(reference_checkpoint, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    folder, _ = reference_checkpoint()
+    runner = OmniModel.from_pretrained(folder, device="cuda", dtype=dtype).talker_runner
+    greedy = Sampler(SamplingParams(temperature=0.0), torch.device("cuda"))
+    hidden_size = runner.cfg.text.hidden_size
+    for seed in range(4):   # the first call captures, the others replay with new inputs
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        hidden = torch.randn(1, 1, hidden_size, device="cuda", generator=generator).to(dtype)
+        code0 = torch.randint(0, 2048, (1,), device="cuda", generator=generator)
+        with torch.inference_mode():
+            codes, embed = runner.predict_residuals(hidden, code0, greedy)
+            eager_codes, eager_embed = runner._predict(hidden, code0, greedy)
+        assert runner.predictor_graph.graph is not None and not runner.predictor_graph.failed
+        assert torch.equal(codes, eager_codes)
+        torch.testing.assert_close(embed, eager_embed, atol=0, rtol=0)
+
+
+def test_cpu_runs_the_predictor_eagerly(reference_checkpoint):
+    folder, _ = reference_checkpoint()
+    runner = OmniModel.from_pretrained(folder).talker_runner
+    greedy = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
+    hidden, code0 = torch.randn(1, 1, runner.cfg.text.hidden_size), torch.tensor([7])
+    with torch.inference_mode():
+        codes, embed = runner.predict_residuals(hidden, code0, greedy)
+        expected = runner._predict(hidden, code0, greedy)
+    assert runner.predictor_graph.graph is None
+    assert torch.equal(codes, expected[0]) and torch.equal(embed, expected[1])
