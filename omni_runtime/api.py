@@ -19,7 +19,8 @@ from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 from omni_runtime.multimodal import MediaInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
-from omni_runtime.pipeline import SpeechOptions, SpeechSession, StageTimer, StreamEvent, ThinkerStream
+from omni_runtime.pipeline import (IncrementalText, SpeechOptions, SpeechSession, StageTimer, StreamEvent,
+                                   ThinkerStream)
 from omni_runtime.sampling import Sampler, SamplingParams
 
 # Top-level parts of a Qwen3-Omni checkpoint, and the encoders loaded apart from the thinker's text model.
@@ -154,9 +155,10 @@ class OmniModel:
         if not return_audio:
             thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
                                           timer=timer)[0]
+            detokenizer = IncrementalText(self.decode) if self.tokenizer else None
             while not thinker.finished:
                 ids = [int(thinker.step())]
-                yield StreamEvent(text_ids=ids, text=self.decode(ids))
+                yield StreamEvent(text_ids=ids, text=detokenizer.push(ids) if detokenizer else None)
             return
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")

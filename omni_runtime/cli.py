@@ -93,7 +93,8 @@ def generate(args: argparse.Namespace) -> None:
             first_text = first_text or now
             text += event.text_ids
             if args.stream:
-                print(decode(event.text_ids), end="" if model.tokenizer else " ", flush=True)
+                print(event.text if model.tokenizer else decode(event.text_ids), end="" if model.tokenizer else " ",
+                      flush=True)
         if event.audio is not None:
             first_audio = first_audio or now
             audio.append(event.audio)

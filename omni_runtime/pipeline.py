@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -48,6 +48,22 @@ class StageTimer:
             torch.cuda.synchronize()
         self.seconds[stage] += time.perf_counter() - start
         self.calls[stage] += 1
+
+
+class IncrementalText:
+    """Detokenizes a growing token sequence into text pieces that concatenate to the decode of the whole sequence:
+    a byte-level BPE token can end inside a UTF-8 character, so text is emitted only once it decodes completely."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode, self.ids, self.emitted = decode, [], 0
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):   # an incomplete character: wait for the token that completes it
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
 
 
 class ThinkerStream:
@@ -97,7 +113,8 @@ class SpeechSession:
 
     def __init__(self, model, thinker: ThinkerStream, ids: torch.Tensor, prompt_embeds: torch.Tensor,
                  media: MediaInputs, options: SpeechOptions, decode_text=None):
-        self.model, self.thinker, self.options, self.decode_text = model, thinker, options, decode_text
+        self.model, self.thinker, self.options = model, thinker, options
+        self.detokenizer = IncrementalText(decode_text) if decode_text else None
         self.ids, self.prompt_embeds, self.media = ids, prompt_embeds, media
         talker = model.talker
         self.text = TextConditioner(talker, model.thinker.model.embed_tokens, model.config.tokens)
@@ -151,7 +168,7 @@ class SpeechSession:
 
     def _text_event(self, token: torch.Tensor) -> StreamEvent:
         ids = [int(token)]
-        return StreamEvent(text_ids=ids, text=self.decode_text(ids) if self.decode_text else None)
+        return StreamEvent(text_ids=ids, text=self.detokenizer.push(ids) if self.detokenizer else None)
 
     def _audio(self, final: bool) -> Iterator[StreamEvent]:
         want = self.options.first_chunk_frames if self.frames_sent == 0 else self.options.chunk_frames

@@ -307,3 +307,14 @@ def test_audio_files_that_cannot_be_read(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.wav"):
         prepare_inputs([{"role": "user", "content": [{"type": "audio", "audio": tmp_path / "missing.wav"}]}],
                        tokenizer, TOKENS)
+
+
+def test_streamed_text_pieces_concatenate_to_the_full_decode(tokenizer):
+    from omni_runtime.pipeline import IncrementalText
+    text = "héllo wörld, 世界 — ok"
+    ids = tokenizer.encode(text).ids
+    stream = IncrementalText(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+    pieces = [stream.push([i]) for i in ids]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert len([p for p in pieces if p]) > 1       # it does stream
