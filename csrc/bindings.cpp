@@ -3,14 +3,40 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <optional>
+
 void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Tensor& out);
+void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
+                  std::optional<at::Tensor> const& q_norm_weight, std::optional<at::Tensor> const& k_norm_weight,
+                  double eps, at::Tensor const& cos, at::Tensor const& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                  at::Tensor const& cache_positions, at::Tensor& q_out);
+void decode_attention(at::Tensor const& q, at::Tensor const& k_cache, at::Tensor const& v_cache,
+                      at::Tensor const& seq_lens, double scale, std::optional<int64_t> window,
+                      at::Tensor& partial_out, at::Tensor& partial_lse, at::Tensor& out);
+void rvq_embed_mean(at::Tensor const& codes, at::Tensor const& table, int64_t codebook_size, at::Tensor& out);
+void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Tensor> const& bias,
+                   int64_t dilation, int64_t groups, std::optional<at::Tensor> const& state,
+                   std::optional<at::Tensor> const& snake_alpha, std::optional<at::Tensor> const& snake_beta,
+                   at::Tensor& out, at::Tensor& new_state);
 
 TORCH_LIBRARY(omni, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
+  m.def("qk_norm_rope(Tensor q, Tensor k, Tensor v, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_positions, "
+        "Tensor(c!) q_out) -> ()");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, float scale, int? window, "
+        "Tensor(a!) partial_out, Tensor(b!) partial_lse, Tensor(c!) out) -> ()");
+  m.def("rvq_embed_mean(Tensor codes, Tensor table, int codebook_size, Tensor(a!) out) -> ()");
+  m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, int dilation, int groups, Tensor? state, "
+        "Tensor? snake_alpha, Tensor? snake_beta, Tensor(a!) out, Tensor(b!) new_state) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
+  m.impl("qk_norm_rope", &qk_norm_rope);
+  m.impl("decode_attention", &decode_attention);
+  m.impl("rvq_embed_mean", &rvq_embed_mean);
+  m.impl("causal_conv1d", &causal_conv1d);
 }
 
 // `import omni_kernels._C` only has to load this library (running the registrations above); the ops are then

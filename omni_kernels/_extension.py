@@ -32,6 +32,6 @@ def cuda_runs(name: str):
 
 def _register_fakes() -> None:
     # Ops that write into preallocated outputs return nothing; their fakes only need to exist for tracing.
-    for name in ("rms_norm",):
+    for name in ("rms_norm", "qk_norm_rope", "decode_attention", "rvq_embed_mean", "causal_conv1d"):
         if hasattr(torch.ops.omni, name):
             torch.library.register_fake(f"omni::{name}")(lambda *args, **kwargs: None)

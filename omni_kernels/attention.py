@@ -27,6 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 
@@ -433,6 +434,41 @@ def _decode_attention_triton_or_ref(q, k_cache, v_cache, seq_lens, scale, window
     if not _triton_supports(q, k_cache, v_cache) or (q.shape[1] // k_cache.shape[1]) * q.shape[2] > _MAX_DECODE_ROWS:
         return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, window)
     return decode_attention_triton(q, k_cache, v_cache, seq_lens, scale, window)
+
+
+_CUDA_DECODE_MAX_ROWS = 32   # omni::decode_attention limits: groups x Tq rows per CTA, 16-byte K/V rows
+
+
+def _cuda_decode_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    vec = 16 // q.element_size()
+    return (_triton_supports(q, k_cache, v_cache) and q.shape[-1] % vec == 0
+            and (q.shape[1] // k_cache.shape[1]) * q.shape[2] <= _CUDA_DECODE_MAX_ROWS
+            and all(c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and all(s % vec == 0 for s in c.stride()[:-1])
+                    for c in (k_cache, v_cache)))
+
+
+def _cuda_decode_splits(batch_heads: int, cache_len: int, device: torch.device) -> int:
+    """Like the Triton heuristic (two CTAs per SM, >= 32 keys each, <= 128 splits); depends on shapes only."""
+    target = 2 * _sm_count(device.index or 0)
+    return max(1, min(-(-cache_len // 32), _MAX_SPLITS, -(-target // batch_heads)))
+
+
+@REGISTRY.register("decode_attention", "cuda", cuda_runs("decode_attention"))
+def _decode_attention_cuda(q, k_cache, v_cache, seq_lens, scale, window):
+    # Cases outside the kernel's limits go to the Triton kernel (or the reference).
+    if not _cuda_decode_supports(q, k_cache, v_cache):
+        if triton_runs(q.device):
+            return _decode_attention_triton_or_ref(q, k_cache, v_cache, seq_lens, scale, window)
+        return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, window)
+    B, Hq, q_len, D = q.shape
+    Hkv = k_cache.shape[1]
+    rows = Hq // Hkv * q_len
+    splits = _cuda_decode_splits(B * Hkv, k_cache.shape[2], q.device)
+    partial_out = torch.empty((B * Hkv, splits, rows, D), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((B * Hkv, splits, rows), dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.omni.decode_attention(q, k_cache, v_cache, seq_lens, scale, window, partial_out, partial_lse, out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- entry points

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 
@@ -473,3 +474,38 @@ def _causal_conv_transpose1d_triton_or_ref(x, weight, bias, stride, state=None, 
     if not triton_supports(x, weight, bias, state, *(snake or ())):
         return causal_conv_transpose1d_ref(x, weight, bias, stride, state, snake=snake)
     return causal_conv_transpose1d_triton(x, weight, bias, stride, state, snake=snake)
+
+
+# ============================================================================================================== CUDA
+# omni::causal_conv1d (csrc/include/omni/causal_conv.cuh): groups 1 or C_in, the Triton kernel's roundings (fused
+# snake rounded op by op, fp32 sum, bias, one rounding), new state from a second tiny kernel. The transposed conv
+# stays Triton-only. Calls the kernel does not take (other groups, mixed dtypes, a context too long for 48 KiB of
+# shared memory) go to Triton, else the reference.
+
+def _cuda_conv_fits(x: torch.Tensor, weight: torch.Tensor, dilation: int, groups: int) -> bool:
+    """Mirrors the launcher's checks: the staged window of one CTA, in fp32 words, fits 48 KiB (causal_conv.cuh)."""
+    c_in, length, taps = x.shape[1], x.shape[2], weight.shape[-1]
+    context = (taps - 1) * dilation
+    if groups == c_in and c_in > 1:
+        words = 8 * ((32 if length <= 32 else 128) + context)
+    elif groups == 1:
+        tile = 16 if length <= 16 else 64
+        words = 16 * (tile + context) + 16 * taps * (tile + 1)
+    else:
+        return False
+    return 4 * words <= 48 * 1024 - 256 and length <= 2_000_000 and weight.shape[0] <= 500_000
+
+
+@REGISTRY.register("causal_conv1d", "cuda", cuda_runs("causal_conv1d"))
+def _causal_conv1d_cuda(x, weight, bias, dilation=1, groups=1, state=None, snake=None):
+    alpha, beta = snake if snake is not None else (None, None)
+    if not (triton_supports(x, weight, bias, state, alpha, beta) and _cuda_conv_fits(x, weight, dilation, groups)):
+        if triton_runs(x.device):
+            return _causal_conv1d_triton_or_ref(x, weight, bias, dilation, groups, state, snake=snake)
+        return causal_conv1d_ref(x, weight, bias, dilation, groups, state, snake=snake)
+    B, C_in, L = x.shape
+    context = (weight.shape[-1] - 1) * dilation
+    y = torch.empty(B, weight.shape[0], L, dtype=x.dtype, device=x.device)
+    new_state = torch.empty(B, C_in, context, dtype=x.dtype, device=x.device)
+    torch.ops.omni.causal_conv1d(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state)
+    return y, new_state

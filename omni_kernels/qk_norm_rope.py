@@ -8,11 +8,15 @@ key heads in separate head blocks of one grid. It repeats the reference's roundi
 row cast to the input dtype, the weight multiply, both rotary products and their sum each rounded to the dtype.
 The rotate-half partner ``x[(d + D/2) % D]`` is a second load of the same row, so no register shuffles are needed.
 Cache slots come from the ``cache_positions`` tensor, so the launch is the same for every step (graph-safe).
+
+The CUDA op ``omni::qk_norm_rope`` (csrc/include/omni/qk_norm_rope.cuh) makes the same roundings with one block per
+(token, head group) and a lane group per head that holds both rotate-half partners of its elements.
 """
 from __future__ import annotations
 
 import torch
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 from omni_kernels.rms_norm import rms_norm_ref
@@ -184,6 +188,32 @@ def _qk_norm_rope_triton_or_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos,
                                 cache_positions)
     return qk_norm_rope_triton(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
                                cache_positions)
+
+
+# ------------------------------------------------------------------------------------------------------------ cuda
+def cuda_supports(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, cache_positions) -> bool:
+    """What ``omni::qk_norm_rope`` (csrc/qk_norm_rope.cu) takes: one fp32/fp16/bf16 dtype and one device for every
+    tensor, an even head_dim, every tensor contiguous in its last dim, (B or 1, T, D) tables, int32/int64 slots."""
+    tensors = [t for t in (q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache) if t is not None]
+    return (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and q.dim() == 4 and q.shape[-1] % 2 == 0
+            and all(t.dtype == q.dtype and t.device == q.device and t.stride(-1) == 1 for t in tensors)
+            and (q_norm_weight is None) == (k_norm_weight is None)
+            and all(t.dim() == 3 and t.shape[0] in (1, q.shape[0]) for t in (cos, sin))
+            and cache_positions.device == q.device and cache_positions.dtype in (torch.int32, torch.int64))
+
+
+@REGISTRY.register("qk_norm_rope", "cuda", cuda_runs("qk_norm_rope"))
+def _qk_norm_rope_cuda(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions):
+    # Selected per device before the call; what the kernel does not take (mixed dtypes, odd head_dim, a strided last
+    # dim, slots on the host) falls back to the reference.
+    if not cuda_supports(q, k, v, q_norm_weight, k_norm_weight, cos, sin, k_cache, v_cache, cache_positions):
+        return qk_norm_rope_ref(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                cache_positions)
+    B, T, Hq, D = q.shape
+    out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
+    torch.ops.omni.qk_norm_rope(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
+                                cache_positions.contiguous(), out)
+    return out
 
 
 def qk_norm_rope(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions):

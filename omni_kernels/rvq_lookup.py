@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 
@@ -95,3 +96,19 @@ def _rvq_embed_mean_triton_or_ref(codes: torch.Tensor, table: torch.Tensor, code
     if table.dtype not in (torch.float32, torch.float16, torch.bfloat16) or codes.device != table.device:
         return rvq_embed_mean_ref(codes, table, codebook_size)
     return rvq_embed_mean_triton(codes, table, codebook_size)
+
+
+# ============================================================================================================== CUDA
+# omni::rvq_embed_mean (csrc/include/omni/rvq_embed_mean.cuh): the Triton kernel's numerics (fp32 sum in quantizer
+# order, correctly rounded division, one rounding), 128-bit gathers of the table rows.
+
+@REGISTRY.register("rvq_embed_mean", "cuda", cuda_runs("rvq_embed_mean"))
+def _rvq_embed_mean_cuda(codes: torch.Tensor, table: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    if table.dtype not in (torch.float32, torch.float16, torch.bfloat16) or codes.device != table.device \
+            or codebook_size < 1:
+        return rvq_embed_mean_ref(codes, table, codebook_size)
+    if codes.dtype not in (torch.int32, torch.int64):
+        codes = codes.long()
+    out = torch.empty(codes.shape[0], codes.shape[2], table.shape[1], dtype=table.dtype, device=table.device)
+    torch.ops.omni.rvq_embed_mean(codes, table, codebook_size, out)
+    return out

@@ -1,0 +1,203 @@
+"""CUDA Code2Wav ops (omni::rvq_embed_mean, omni::causal_conv1d) against their references, streamed, in place and
+under CUDA-graph replay (skipped without a GPU or without the built extension).
+
+Tolerances: the kernels sum in fp32 in another order than torch/cuDNN (fp32: summation order only; the reference
+conv runs with TF32 off), then round once; fp16/bf16 allow a couple of ulps for cuDNN's own roundings. The fused
+SnakeBeta repeats snake_beta_ref's per-op roundings with the same expf/sinf, so it adds little.
+"""
+import pytest
+import torch
+
+import omni_kernels as ok
+from omni_kernels._extension import has_cuda_op
+from omni_kernels.causal_conv import causal_conv1d_ref
+from omni_kernels.rvq_lookup import rvq_embed_mean_ref
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [(torch.float32, 1e-4, 1e-4), (torch.float16, 4e-3, 4e-3), (torch.bfloat16, 3e-2, 2e-2)]
+
+
+def needs(op):
+    if not torch.cuda.is_available() or not has_cuda_op(op):
+        pytest.skip(f"needs a GPU and the compiled extension with omni::{op}")
+
+
+@pytest.fixture(autouse=True)
+def no_tf32(monkeypatch):
+    # cuDNN's fp32 conv defaults to TF32 (10-bit mantissa); the kernel is exact fp32
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def randn(*shape, dtype, g, scale=1.0, sliced=False):
+    """On the GPU; ``sliced``: a channel slice (dim 1) of a wider tensor, i.e. non-contiguous."""
+    if sliced:
+        wide = torch.randn(shape[0], 2 * shape[1] + 1, *shape[2:], generator=g)
+        return (wide[:, 1:shape[1] + 1] * scale).to(dtype).cuda()
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).cuda()
+
+
+def check(out, expected, atol, rtol):
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+# --- RVQ embedding mean ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("B, Q, T, H, cb", [(1, 1, 1, 1, 3), (2, 16, 7, 129, 5), (1, 16, 129, 1024, 32),
+                                            (3, 7, 1, 7, 11), (1, 8, 5, 2048, 2)])
+@pytest.mark.parametrize("codes_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rvq_embed_mean_cuda_matches_reference(B, Q, T, H, cb, dtype, atol, rtol, codes_dtype, contiguous):
+    needs("rvq_embed_mean")
+    g = torch.Generator().manual_seed(0)
+    if contiguous:
+        codes = torch.randint(0, cb, (B, Q, T), generator=g).to(codes_dtype).cuda()
+        table = randn(Q * cb, H, dtype=dtype, g=g)
+    else:  # codes (B, T, Q) transposed, table a column slice (row stride H + 3, unaligned rows)
+        codes = torch.randint(0, cb, (B, T, Q), generator=g).to(codes_dtype).cuda().transpose(1, 2)
+        table = randn(Q * cb, H + 3, dtype=dtype, g=g)[:, 1:H + 1]
+    with ok.use_backend("cuda", op="rvq_embed_mean"):
+        assert ok.selected_backend("rvq_embed_mean", "cuda") == "cuda"
+        out = ok.rvq_embed_mean(codes, table, cb)
+    check(out, rvq_embed_mean_ref(codes.long(), table, cb), atol, rtol)
+
+
+def test_rvq_embed_mean_cuda_strided_out_and_bad_ids():
+    needs("rvq_embed_mean")
+    codes = torch.tensor([[[0, 1, 2], [3, 0, 1]]], device="cuda")  # B=1, Q=2, T=3, codebook 4
+    codes[0, 1, 2] = 4                                               # out of range: that frame is NaN
+    table = torch.randn(8, 9, device="cuda")
+    out = torch.full((1, 9, 3), 7.0, device="cuda").transpose(1, 2)  # (1, 3, 9), h stride 3
+    torch.ops.omni.rvq_embed_mean(codes, table, 4, out)
+    good = rvq_embed_mean_ref(codes[..., :2], table, 4)
+    torch.testing.assert_close(out[:, :2], good)
+    assert out[:, 2].isnan().all()
+    with pytest.raises(RuntimeError, match="table must be"):
+        torch.ops.omni.rvq_embed_mean(codes, table, 3, out)
+
+
+def test_rvq_embed_mean_cuda_graph_replay():
+    needs("rvq_embed_mean")
+    g = torch.Generator().manual_seed(1)
+    Q, cb, H = 16, 64, 256
+    table = randn(Q * cb, H, dtype=torch.bfloat16, g=g)
+    codes = torch.randint(0, cb, (1, Q, 1), generator=g).cuda()
+    out = torch.empty(1, 1, H, dtype=torch.bfloat16, device="cuda")
+    torch.ops.omni.rvq_embed_mean(codes, table, cb, out)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.omni.rvq_embed_mean(codes, table, cb, out)
+    for _ in range(3):
+        codes.copy_(torch.randint(0, cb, (1, Q, 1), generator=g))
+        graph.replay()
+        check(out, rvq_embed_mean_ref(codes, table, cb), 3e-2, 2e-2)
+
+
+# --- causal conv ----------------------------------------------------------------------------------------------------
+def conv_case(B, C_in, C_out, L, K, dilation, groups, dtype, g, *, bias=True, state=True, snake=False, sliced=False):
+    x = randn(B, C_in, L, dtype=dtype, g=g, sliced=sliced)
+    w = randn(C_out, C_in // groups, K, dtype=dtype, g=g, scale=(C_in // groups * K) ** -0.5)
+    if sliced:  # a transposed-storage weight: strides (1, C_out * K, C_out) instead of contiguous
+        w = w.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    b = randn(C_out, dtype=dtype, g=g, scale=0.1) if bias else None
+    s = randn(B, C_in, (K - 1) * dilation, dtype=dtype, g=g, sliced=sliced) if state else None
+    sn = (randn(C_in, dtype=dtype, g=g, scale=0.2), randn(C_in, dtype=dtype, g=g, scale=0.2)) if snake else None
+    return x, w, b, s, sn
+
+
+def tol(dtype, atol, rtol, snake):
+    return (5e-2, 2e-2) if snake and dtype == torch.bfloat16 else (atol, rtol)
+
+
+CONV_SHAPES = [  # B, C_in, C_out, L, K, dilation, groups
+    (1, 7, 129, 1, 7, 1, 1), (2, 129, 7, 7, 7, 3, 1), (1, 64, 96, 129, 7, 9, 1), (2, 33, 17, 129, 1, 1, 1),
+    (1, 1, 1, 1, 7, 1, 1), (1, 48, 48, 16, 7, 3, 1), (1, 20, 8, 200, 3, 2, 1),            # dense (K=3: looped taps)
+    (2, 7, 7, 129, 7, 1, 7), (1, 129, 129, 7, 7, 9, 129), (1, 96, 96, 1, 7, 3, 96), (1, 5, 10, 33, 7, 1, 5),
+]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", ["plain", "snake", "no_state_bias", "sliced_snake"])
+def test_causal_conv1d_cuda_matches_reference(shape, dtype, atol, rtol, variant):
+    needs("causal_conv1d")
+    g = torch.Generator().manual_seed(0)
+    snake = "snake" in variant
+    x, w, b, s, sn = conv_case(*shape, dtype, g, bias=variant != "no_state_bias", state=variant != "no_state_bias",
+                               snake=snake, sliced=variant.startswith("sliced"))
+    dilation, groups = shape[5], shape[6]
+    with ok.use_backend("cuda", op="causal_conv1d"):
+        assert ok.selected_backend("causal_conv1d", "cuda") == "cuda"
+        y, new_state = ok.causal_conv1d(x, w, b, dilation, groups, s, snake=sn)
+    y_ref, state_ref = causal_conv1d_ref(x, w, b, dilation, groups, s, snake=sn)
+    check(y, y_ref, *tol(dtype, atol, rtol, snake))
+    check(new_state, state_ref, *tol(dtype, atol, rtol, snake))
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("groups", [1, 32])
+def test_causal_conv1d_cuda_streams_in_place(dtype, atol, rtol, groups):
+    """Chunks of 1..40 samples with new_state = state (one buffer) concatenate to the offline call."""
+    needs("causal_conv1d")
+    g = torch.Generator().manual_seed(2)
+    x, w, b, _, sn = conv_case(1, 32, 32, 100, 7, 3, groups, dtype, g, state=False, snake=True)
+    y_ref, state_ref = causal_conv1d_ref(x, w, b, 3, groups, None, snake=sn)
+    state = torch.zeros(1, 32, 18, dtype=dtype, device="cuda")
+    ys, start = [], 0
+    for size in [1, 5, 40, 1, 16, 17, 20]:
+        chunk = x[..., start:start + size]
+        y = torch.empty(1, 32, chunk.shape[-1], dtype=dtype, device="cuda")
+        torch.ops.omni.causal_conv1d(chunk, w, b, 3, groups, state, *sn, y, state)
+        ys.append(y)
+        start += size
+    check(torch.cat(ys, -1), y_ref, *tol(dtype, atol, rtol, True))
+    check(state, state_ref, *tol(dtype, atol, rtol, True))
+
+
+@pytest.mark.parametrize("groups", [1, 64])
+def test_causal_conv1d_cuda_graph_replay(groups):
+    """Decode: one captured step (4 samples, in-place state) replayed on new inputs streams like the offline call."""
+    needs("causal_conv1d")
+    g = torch.Generator().manual_seed(3)
+    dtype, steps, n = torch.bfloat16, 5, 4
+    x_all, w, b, _, sn = conv_case(1, 64, 64, steps * n, 7, 9, groups, dtype, g, state=False, snake=True)
+    x = torch.zeros(1, 64, n, dtype=dtype, device="cuda")
+    state = torch.zeros(1, 64, 54, dtype=dtype, device="cuda")
+    y = torch.empty(1, 64, n, dtype=dtype, device="cuda")
+    torch.ops.omni.causal_conv1d(x, w, b, 9, groups, state, *sn, y, state)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.omni.causal_conv1d(x, w, b, 9, groups, state, *sn, y, state)
+    state.zero_()
+    ys = []
+    for i in range(steps):
+        x.copy_(x_all[..., i * n:(i + 1) * n])
+        graph.replay()
+        ys.append(y.clone())
+    y_ref, state_ref = causal_conv1d_ref(x_all, w, b, 9, groups, None, snake=sn)
+    check(torch.cat(ys, -1), y_ref, 5e-2, 2e-2)
+    check(state, state_ref, 5e-2, 2e-2)
+
+
+def test_causal_conv1d_cuda_rejects_and_falls_back():
+    needs("causal_conv1d")
+    g = torch.Generator().manual_seed(4)
+    x, w, b, s, _ = conv_case(1, 8, 8, 9, 3, 1, 2, torch.float32, g)  # groups = 2: not a kernel case
+    y, ns = torch.empty(1, 8, 9, device="cuda"), torch.empty(1, 8, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="groups must be 1"):
+        torch.ops.omni.causal_conv1d(x, w, b, 1, 2, s, None, None, y, ns)
+    with ok.use_backend("cuda", op="causal_conv1d"):  # the registration hands it to Triton or the reference
+        y, ns = ok.causal_conv1d(x, w, b, 1, 2, s)
+    y_ref, s_ref = causal_conv1d_ref(x, w, b, 1, 2, s)
+    check(y, y_ref, 1e-4, 1e-4)
+    check(ns, s_ref, 0, 0)
+    x, w, b, s, _ = conv_case(1, 8, 8, 9, 7, 1000, 1, torch.float32, g)  # context 6000: over 48 KiB
+    y, ns = torch.empty(1, 8, 9, device="cuda"), torch.empty(1, 8, 6000, device="cuda")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns)
+    with pytest.raises(RuntimeError, match="new_state must have shape"):
+        torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns[..., :5])
