@@ -3,11 +3,14 @@
     python bench/e2e_latency.py [--device cpu] [--dtype float32] [--answer-tokens 16] [--talker-tokens 48]
 
 Both run greedy (the reference's talker_do_sample=False) on one random checkpoint, so they produce the same text,
-codes and waveform (checked). The reference is sequential (thinker to the end, then talker, then Code2Wav), so its
-first audio packet comes at its total time. Prints a table and writes bench/results/e2e_latency_<device>.json.
+codes and waveform (checked). ``--full-size --device cuda`` runs ours alone at the released model's sizes with
+random weights (``--thinker-layers 24`` or so on an 80 GB H100), with the time of each stage and peak memory.
+The reference is sequential (thinker to the end, then talker, then Code2Wav), so its first audio packet comes at
+its total time. Prints a table and writes bench/results/e2e_latency[_full|_ours]_<device>.json.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -17,6 +20,7 @@ import torch
 from common import DTYPES, apply_threads, environment, model_config, model_parser, save
 
 from omni_runtime import OmniModel, SamplingParams
+from omni_runtime.demo import RELEASED_CONFIG
 from omni_runtime.pipeline import StageTimer
 
 IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
@@ -29,6 +33,11 @@ def parse_args():
     p.add_argument("--talker-experts", type=int, default=8)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--talker-tokens", type=int, default=48, help="talker_max_new_tokens (frames + 1)")
+    p.add_argument("--ours-only", action="store_true", help="skip the transformers reference")
+    p.add_argument("--full-size", action="store_true",
+                   help="the released model's sizes with random weights built on the device (ours only; GPU)")
+    p.add_argument("--thinker-layers", type=int, default=48,
+                   help="with --full-size: thinker layers (fewer fit an 80 GB H100 beside the talker)")
     return p.parse_args()
 
 
@@ -69,51 +78,75 @@ def median_run(fn, repeats):
     return best | {"first_packet_s_median": statistics.median(r["first_packet_s"] for r in runs)}
 
 
-def main():
-    args = parse_args()
-    apply_threads(args)
+def build_models(args, device, dtype):
+    """(config description, ours, reference or None): a random checkpoint both load, or (``--full-size``) the
+    released sizes with random weights built on the device for ours alone."""
+    if args.full_size:
+        config = copy.deepcopy(RELEASED_CONFIG)
+        config["thinker_config"]["text_config"]["num_hidden_layers"] = args.thinker_layers
+        config["talker_config"]["accept_hidden_layer"] = min(24, args.thinker_layers)
+        return {"released": True, "thinker_layers": args.thinker_layers}, OmniModel.random(
+            config, device=device, dtype=dtype, max_seq_len=4096), None
     from hf_checkpoints import omni_config_dict, save_reference_checkpoint
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     config = model_config(args, talker_hidden=args.talker_hidden, talker_layers=args.talker_layers,
                           talker_experts=args.talker_experts)
     folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
     save_reference_checkpoint(folder, omni_config_dict(**config))
-    reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
-    ours = OmniModel.from_pretrained(folder, device=device, dtype=dtype)
+    reference = None
+    if not args.ours_only:
+        reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    return config, OmniModel.from_pretrained(folder, device=device, dtype=dtype), reference
+
+
+def main():
+    args = parse_args()
+    apply_threads(args)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    config, ours, reference = build_models(args, device, dtype)
     prompt = prompt_ids().to(device)
-    run_ours(ours, prompt, args), run_reference(reference, prompt, args)          # warm up
-    ref = median_run(lambda: run_reference(reference, prompt, args), args.repeats)
+    run_ours(ours, prompt, args)                                                    # warm up (and capture graphs)
     mine = median_run(lambda: run_ours(ours, prompt, args), args.repeats)
+    runs = [("omni-runtime (streamed)", mine)]
+    ref = None
+    if reference is not None:
+        run_reference(reference, prompt, args)
+        ref = median_run(lambda: run_reference(reference, prompt, args), args.repeats)
+        runs.insert(0, ("transformers", ref))
     audio_s = mine["samples"] / 24000
-    rows = {}
-    for name, r in (("transformers", ref), ("omni-runtime (streamed)", mine)):
-        rows[name] = {"first_audio_packet_ms": 1e3 * r["first_packet_s"], "total_ms": 1e3 * r["total_s"],
-                      "rtf": r["total_s"] / (r["samples"] / 24000)}
+    rows = {name: {"first_audio_packet_ms": 1e3 * r["first_packet_s"], "total_ms": 1e3 * r["total_s"],
+                   "rtf": r["total_s"] / (r["samples"] / 24000)} for name, r in runs}
     stages = mine["stages_ms"]
     thinker_s = (stages.get("thinker prefill", 0) + stages.get("thinker decode", 0)) / 1e3
     talker_s = sum(stages.get(k, 0) for k in ("talker prefill", "talker decode", "code predictor")) / 1e3
     result = {
         "bench": "e2e_latency", "env": environment(device), "dtype": args.dtype, "model": config,
         "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens,
-        "same_text": ref["text"] == mine["text"], "same_audio_length": ref["samples"] == mine["samples"],
         "audio_seconds": audio_s, "results": rows,
         "omni_runtime_rates": {"thinker_tokens_per_s": len(mine["text"]) / thinker_s if thinker_s else None,
                                "talker_frames_per_s": mine["frames"] / talker_s if talker_s else None},
-        "omni_runtime_stages_ms": stages,
-        "ratios": {"first_packet_vs_reference_total": mine["first_packet_s"] / ref["total_s"],
-                   "total_vs_reference_total": mine["total_s"] / ref["total_s"]},
+        "omni_runtime_stages_ms": stages, "omni_runtime_stage_calls": mine["stage_calls"],
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    path = save("e2e_latency", result)
+    if ref is not None:
+        result |= {"same_text": ref["text"] == mine["text"], "same_audio_length": ref["samples"] == mine["samples"],
+                   "ratios": {"first_packet_vs_reference_total": mine["first_packet_s"] / ref["total_s"],
+                              "total_vs_reference_total": mine["total_s"] / ref["total_s"]}}
+    path = save("e2e_latency" + ("_full" if args.full_size else "_ours" if args.ours_only else ""), result)
     print(f"{result['env']['device']}, {args.dtype}: {len(mine['text'])} text tokens, {mine['frames']} frames "
-          f"({audio_s:.2f} s audio); same text: {result['same_text']}, same length: {result['same_audio_length']}")
+          f"({audio_s:.2f} s audio)" + (f"; same text: {result['same_text']}, same length: "
+                                        f"{result['same_audio_length']}" if ref is not None else ""))
     print(f"{'':26} {'first packet':>13} {'total':>10} {'RTF':>7}")
     for name, row in rows.items():
         print(f"{name:26} {row['first_audio_packet_ms']:10.1f} ms {row['total_ms']:7.0f} ms {row['rtf']:7.3f}")
-    print(f"first packet / reference total = {result['ratios']['first_packet_vs_reference_total']:.3f}, "
-          f"total / reference total = {result['ratios']['total_vs_reference_total']:.3f}")
-    print("stages (ms): " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+    if ref is not None:
+        print(f"first packet / reference total = {result['ratios']['first_packet_vs_reference_total']:.3f}, "
+              f"total / reference total = {result['ratios']['total_vs_reference_total']:.3f}")
+    calls = mine["stage_calls"]
+    print("stages: " + ", ".join(f"{k} {v:.0f} ms / {calls[k]}" for k, v in stages.items()))
     print(f"saved {path}")
 
 

@@ -80,6 +80,21 @@ class OmniModel:
             modules[name].eval().requires_grad_(False)
         return cls(config, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
 
+    @classmethod
+    def random(cls, config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, max_seq_len: int | None = None) -> OmniModel:
+        """A model with random weights built straight on ``device`` from a ``config.json``-shaped dict (no
+        checkpoint, no encoders): the built-in demo model, and full-size benchmarks (``demo.RELEASED_CONFIG``)."""
+        from omni_runtime.demo import random_module
+
+        device = torch.device(device)
+        parsed = OmniConfig.from_dict(config)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        modules = {name: random_module(build, dtype, device, generator).eval().requires_grad_(False)
+                   for name, _, build in _components(parsed, files={})}
+        limit = parsed.thinker_text.max_position_embeddings
+        return cls(parsed, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
+
     def prepare(self, messages: list[dict], use_audio_in_video: bool = False) -> dict:
         """A chat (system/user/assistant turns of text, audio, image and video parts) -> the keyword arguments of
         :meth:`generate`/:meth:`stream`: ``input_ids`` with the right placeholders and the media inputs, equal to

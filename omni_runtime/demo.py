@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from omni_runtime.config import OmniConfig
-from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig
+from omni_runtime.models.code2wav import Code2Wav
 from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 
@@ -65,8 +64,46 @@ DEMO_CONFIG = {
 }
 
 
+def _released_rope() -> dict:
+    return _rope([24, 20, 20])
+
+
+# The released Qwen3-Omni-30B-A3B sizes (spec section 2), for benchmarks with random weights on a GPU (~35 B
+# parameters: 70 GB in bf16). No audio or vision encoder: the benchmarks feed text prompts.
+RELEASED_CONFIG = {
+    **{k: v for k, v in DEMO_CONFIG.items() if k.endswith("_token_id") or k in ("model_type", "enable_audio_output")},
+    "thinker_config": {
+        **{k: v for k, v in DEMO_CONFIG["thinker_config"].items() if k != "text_config"},
+        "text_config": {
+            "vocab_size": 152064, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 768, "moe_intermediate_size": 768,
+            "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "rms_norm_eps": 1e-6,
+            "rope_parameters": _released_rope(), "max_position_embeddings": 65536,
+        },
+    },
+    "talker_config": {
+        **{k: v for k, v in DEMO_CONFIG["talker_config"].items() if not k.endswith("_config")},
+        "accept_hidden_layer": 24, "thinker_hidden_size": 2048,
+        "text_config": {
+            "vocab_size": 3072, "hidden_size": 1024, "num_hidden_layers": 20, "num_attention_heads": 16,
+            "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 2048, "moe_intermediate_size": 384,
+            "shared_expert_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 6,
+            "norm_topk_prob": True, "rms_norm_eps": 1e-6, "rope_parameters": _released_rope(),
+            "max_position_embeddings": 65536,
+        },
+        "code_predictor_config": {
+            "vocab_size": 2048, "hidden_size": 1024, "num_hidden_layers": 5, "num_attention_heads": 16,
+            "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072, "num_code_groups": 16,
+            "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+        },
+    },
+    "code2wav_config": {},   # the class defaults are the released Code2Wav
+}
+
+
 def random_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Fan-in scaled normal weights, unit norms, zero biases and SnakeBeta exponents, 0.1 residual scales."""
+    """Fan-in scaled normal weights, unit norms, zero biases and SnakeBeta exponents, 0.1 residual scales; drawn
+    in place on the parameters' device and dtype."""
     with torch.no_grad():
         for name, param in module.named_parameters():
             leaf = name.rpartition(".")[2]
@@ -78,7 +115,20 @@ def random_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
                 param.fill_(1.0)
             else:
                 fan_in = param[0].numel() if "experts" not in name else param[0, 0].numel()
-                param.copy_(torch.randn(param.shape, generator=generator) / fan_in**0.5)
+                param.normal_(0.0, fan_in**-0.5, generator=generator)
+    return module
+
+
+def random_module(build, dtype: torch.dtype, device: torch.device, generator: torch.Generator) -> nn.Module:
+    """``build()`` on the meta device, then its parameters made on ``device`` in ``dtype`` and initialised."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict({n: torch.empty(p.shape, dtype=dtype, device=device) for n, p in module.named_parameters()},
+                           assign=True)
+    random_init_(module, generator)
+    if isinstance(module, Code2Wav):
+        with torch.no_grad():
+            module.decoder[-1].conv.weight.mul_(0.02)   # keep the noise well inside the final clamp to [-1, 1]
     return module
 
 
@@ -100,17 +150,15 @@ def checkpoint_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor
 
 def write_random_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0) -> Path:
     """Write ``config.json`` and a random ``model.safetensors`` (thinker text, talker, Code2Wav) to ``path``."""
+    from omni_runtime.api import OmniModel
+
     path = Path(path)
     config = copy.deepcopy(config or DEMO_CONFIG)
-    parsed = OmniConfig.from_dict(config)
-    generator = torch.Generator().manual_seed(seed)
-    tensors = checkpoint_tensors(random_init_(Thinker(parsed.thinker_text), generator), Thinker.checkpoint_prefix)
-    if parsed.talker is not None:
-        tensors |= checkpoint_tensors(random_init_(Talker(parsed.talker), generator), Talker.checkpoint_prefix)
-        code2wav = random_init_(Code2Wav(Code2WavConfig.from_dict(config.get("code2wav_config", {}))), generator)
-        with torch.no_grad():
-            code2wav.decoder[-1].conv.weight.mul_(0.02)   # keep the noise well inside the final clamp to [-1, 1]
-        tensors |= checkpoint_tensors(code2wav, "code2wav.")
+    model = OmniModel.random(config, seed=seed)
+    tensors = checkpoint_tensors(model.thinker, Thinker.checkpoint_prefix)
+    if model.talker is not None:
+        tensors |= checkpoint_tensors(model.talker, Talker.checkpoint_prefix)
+        tensors |= checkpoint_tensors(model.code2wav, "code2wav.")
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -121,7 +169,7 @@ def demo_checkpoint(seed: int = 0) -> Path:
     """The built-in model's folder, written once into the user's cache (``OMNI_RUNTIME_CACHE`` overrides)."""
     cache = Path(os.environ.get("OMNI_RUNTIME_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                  / "omni-runtime")
-    folder = cache / f"demo-v2-seed{seed}"
+    folder = cache / f"demo-v3-seed{seed}"
     if not (folder / "config.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=cache))
