@@ -22,6 +22,7 @@ class StepContext:
     sin: torch.Tensor              # [B, T, D]
     cache_positions: torch.Tensor  # [T] slots of the new tokens
     kv_len: int                    # cached tokens after this step, new ones included
+    seq_lens: torch.Tensor | None = None   # [B] the same, as a tensor: graph-safe decode over the whole cache
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +56,10 @@ class Attention(nn.Module):
         k_cache, v_cache = cache                                                   # [B, Hkv, S_max, D]
         q = ok.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, ctx.cos, ctx.sin,
                             k_cache, v_cache, ctx.cache_positions)                 # [B, Hq, T, D]
-        out = ok.attention(q, k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len], self.head_dim**-0.5)
+        if ctx.seq_lens is None:   # the valid keys as a slice: the reference's exact attention call
+            out = ok.attention(q, k_cache[:, :, :ctx.kv_len], v_cache[:, :, :ctx.kv_len], self.head_dim**-0.5)
+        else:                      # lengths from a tensor: one captured graph serves every step
+            out = ok.decode_attention(q, k_cache, v_cache, ctx.seq_lens, self.head_dim**-0.5)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

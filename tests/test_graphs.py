@@ -39,3 +39,20 @@ def test_cpu_runs_the_predictor_eagerly(reference_checkpoint):
         expected = runner._predict(hidden, code0, greedy)
     assert runner.predictor_graph.graph is None
     assert torch.equal(codes, expected[0]) and torch.equal(embed, expected[1])
+
+
+def test_static_decode_step_gives_the_same_answer(reference_checkpoint):
+    # The graph-safe decode step (position, slot and length from tensors; attention over the whole cache, masked)
+    # run eagerly on CPU: the same tokens and codes as the exact path, logits within fp32 rounding.
+    from test_speech import GREEDY_TALKER
+    from test_thinker_parity import IM_END, chat_prompt
+
+    folder, _ = reference_checkpoint()
+    exact, static = OmniModel.from_pretrained(folder), OmniModel.from_pretrained(folder)
+    static.thinker_runner.use_decode_graph(capture=False)
+    static.talker_runner.use_decode_graph(capture=False)
+    kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=10,
+                  talker_sampling=GREEDY_TALKER)
+    a, b = exact.generate(chat_prompt(0), **kwargs), static.generate(chat_prompt(0), **kwargs)
+    assert a.text_ids == b.text_ids and torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(a.audio, b.audio, atol=1e-4, rtol=0)

@@ -1,4 +1,5 @@
-"""CUDA-graph capture of the code predictor's frame: 15 dependent steps of a small transformer, replayed as one graph.
+"""CUDA graphs: the code predictor's frame (15 dependent steps of a small transformer) and the thinker's and
+talker's decode steps, each captured once and replayed.
 
 The frame is static by construction: the predictor's cache is rebuilt every frame, so every frame runs the same
 kernels on the same shapes (a 2-token prefill, then 14 single-token steps over 3..16 cached positions). Captured once
@@ -12,6 +13,10 @@ import warnings
 from collections.abc import Callable
 
 import torch
+
+import omni_kernels as ok
+from omni_runtime.engine.decoder_state import DecoderState
+from omni_runtime.layers import StepContext
 
 
 class CodePredictorGraph:
@@ -54,3 +59,64 @@ class CodePredictorGraph:
         except Exception as e:  # a kernel that cannot be captured: stay correct, lose only speed
             warnings.warn(f"code predictor CUDA-graph capture failed, running it eagerly: {e}", stacklevel=3)
             self.failed, self.graph, self.outputs = True, None, None
+
+
+class DecodeStepGraph:
+    """One decode step of a decoder over its static KV cache, with the rotary position, the cache slot and the
+    sequence length read from device tensors, so that one captured graph serves every step.
+
+    ``step(x, ctx)`` runs the decoder on the step input ``x`` (token ids or embeddings, copied into a static buffer)
+    and returns its outputs. Attention reads the whole cache masked by ``ctx.seq_lens`` (``decode_attention``)
+    instead of a slice, so numerics differ from the eager path in the last bits. ``capture=False`` runs the same
+    step eagerly (tests use it on CPU)."""
+
+    def __init__(self, step: Callable[[torch.Tensor, StepContext], tuple | torch.Tensor], state: DecoderState,
+                 input_like: torch.Tensor, capture: bool = True, warmup: int = 2):
+        self.step, self.state, self.warmup = step, state, warmup
+        device = state.device
+        self.input = torch.zeros_like(input_like)
+        rows = (3, 1, 1) if state.mrope_section else (1, 1)
+        self.position = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.slot = torch.zeros(1, dtype=torch.int64, device=device)
+        self.seq_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs = None
+        self.capture = capture and device.type == "cuda"
+
+    def __call__(self, x: torch.Tensor):
+        state = self.state
+        slot = state.cache.reserve(1)        # bookkeeping on the host; the kernels read the tensors below
+        self.input.copy_(x)
+        self.position.copy_(state.next_position)
+        self.slot.copy_(slot)
+        self.seq_len.fill_(state.cache.length)
+        state.next_position = state.next_position + 1
+        if not self.capture:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+            if self.graph is None:
+                return self._run()
+        self.graph.replay()
+        return tuple(t.clone() for t in self.outputs) if isinstance(self.outputs, tuple) else self.outputs.clone()
+
+    def _run(self):
+        state = self.state
+        cos, sin = ok.mrope_cos_sin_ref(self.position, state.inv_freq, state.mrope_section, state.dtype)
+        return self.step(self.input, StepContext(cos, sin, self.slot, state.cache.max_len, self.seq_len))
+
+    def _capture(self) -> None:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):   # warm-up writes this step's slot again: the same values, harmless
+                for _ in range(self.warmup):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs = self._run()
+            self.graph = graph
+        except Exception as e:
+            warnings.warn(f"decode-step CUDA-graph capture failed, running eagerly: {e}", stacklevel=3)
+            self.capture, self.graph, self.outputs = False, None, None

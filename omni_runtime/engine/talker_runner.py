@@ -10,7 +10,7 @@ import torch
 
 from omni_runtime.config import TalkerConfig
 from omni_runtime.engine.decoder_state import DecoderState
-from omni_runtime.engine.graphs import CodePredictorGraph
+from omni_runtime.engine.graphs import CodePredictorGraph, DecodeStepGraph
 from omni_runtime.models.talker import Talker
 from omni_runtime.sampling import Sampler, SamplingParams
 
@@ -24,6 +24,18 @@ class TalkerRunner:
         self.predictor_graph = CodePredictorGraph(
             lambda hidden, code0: self._predict(hidden, code0, self.greedy_predictor), cfg.text.hidden_size, dtype,
             device)
+        self.decode_graph: DecodeStepGraph | None = None
+        if device.type == "cuda":
+            self.use_decode_graph()
+
+    def use_decode_graph(self, capture: bool = True) -> None:
+        """Decode through one static step (captured as a CUDA graph on a GPU; eager with ``capture=False``)."""
+        embeds = torch.zeros(1, 1, self.cfg.text.hidden_size, dtype=self.state.dtype, device=self.state.device)
+        self.decode_graph = DecodeStepGraph(self._decode_step, self.state, embeds, capture)
+
+    def _decode_step(self, embeds: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.talker.model(embeds, ctx, self.state.cache)
+        return self.talker.codec_head(hidden)[:, -1].float(), hidden
 
     @property
     def max_len(self) -> int:
@@ -38,8 +50,9 @@ class TalkerRunner:
     @torch.inference_mode()
     def decode(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds: [1, 1, H] -> (codec logits fp32 [1, V], post-norm hidden [1, 1, H])."""
-        hidden = self.talker.model(embeds, self.state.next_context(), self.state.cache)
-        return self.talker.codec_head(hidden)[:, -1].float(), hidden
+        if self.decode_graph is not None:
+            return self.decode_graph(embeds)
+        return self._decode_step(embeds, self.state.next_context())
 
     @torch.inference_mode()
     def predict_residuals(self, hidden: torch.Tensor, code0: torch.Tensor,

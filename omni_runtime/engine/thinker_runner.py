@@ -5,6 +5,7 @@ import torch
 
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.engine.decoder_state import DecoderState
+from omni_runtime.engine.graphs import DecodeStepGraph
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.multimodal import PromptInputs
 
@@ -13,6 +14,15 @@ class ThinkerRunner:
     def __init__(self, thinker: Thinker, cfg: MoeTextConfig, max_len: int, device: torch.device, dtype: torch.dtype):
         self.thinker = thinker
         self.state = DecoderState(cfg, max_len, device, dtype)
+        self.decode_graph: DecodeStepGraph | None = None
+        if device.type == "cuda":
+            self.use_decode_graph()
+
+    def use_decode_graph(self, capture: bool = True) -> None:
+        """Decode through one static step (captured as a CUDA graph on a GPU; eager with ``capture=False``)."""
+        token = torch.zeros(1, 1, dtype=torch.int64, device=self.state.device)
+        self.decode_graph = DecodeStepGraph(lambda ids, ctx: self.thinker(self.embed(ids), ctx, self.state.cache)[0],
+                                            self.state, token, capture)
 
     @property
     def max_len(self) -> int:
@@ -32,4 +42,6 @@ class ThinkerRunner:
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids: [1, 1] -> logits [1, V] of the next token."""
+        if self.decode_graph is not None:
+            return self.decode_graph(token_ids)
         return self.thinker(self.embed(token_ids), self.state.next_context(), self.state.cache)[0]
