@@ -26,6 +26,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <omni/dtype.cuh>
+
 #include <climits>
 #include <cstdint>
 
@@ -49,18 +51,7 @@ struct CausalConv1dArgs {
 
 namespace conv_detail {
 
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromFloat(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
 
 // One rounding to T, kept in fp32 (a no-op for float).
 template <typename T>

@@ -23,6 +23,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <omni/dtype.cuh>
+
 #include <climits>
 #include <cstdint>
 
@@ -55,23 +57,7 @@ constexpr int kDecodeMaxSplits = 128;
 
 namespace decode_detail {
 
-template <typename T>
-__device__ __forceinline__ float ToFloat(T v);
-template <>
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-template <>
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromFloat(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
 
 // One 16-byte chunk of T, read from shared memory with one ld.shared.v4 and widened to fp32.
 template <typename T>

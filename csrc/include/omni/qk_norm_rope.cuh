@@ -22,7 +22,8 @@
 // strides (batch stride 0 to share a table). q_out must not overlap q, k or v.
 #pragma once
 
-#include <omni/rms_norm.cuh>  // detail::ToFloat, FromFloat, Vec, Aligned16
+#include <omni/dtype.cuh>
+#include <omni/rms_norm.cuh>  // detail::Aligned16
 
 #include <climits>
 #include <cstdint>

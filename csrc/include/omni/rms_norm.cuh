@@ -15,35 +15,16 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <omni/dtype.cuh>
+
 #include <climits>
 #include <cstdint>
 
 namespace omni {
 namespace detail {
 
-template <typename T>
-__device__ __forceinline__ float ToFloat(T v);
-template <>
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-template <>
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat(float v) { return v; }
-template <>
-__device__ __forceinline__ __half FromFloat(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
 
-// N elements moved as one load/store; with sizeof(T) * N == 16 the compiler emits 128-bit ld/st.global.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // Sum over the block. blockDim.x must be a multiple of 32 (full-mask shuffles). After one barrier every warp
 // reduces the per-warp partials itself, so all threads get the total without a second barrier.
