@@ -7,7 +7,6 @@ reference's roundings (conv: fp32 sum, one rounding; transposed conv: each tap r
 snake: every op rounded). bf16 does too, but the interpreter truncates fp32 -> bf16 casts instead of rounding, one ulp
 (2^-8 relative) per rounding; the fused snake has seven, the transposed conv three, so bf16 allows a few ulps.
 """
-import itertools
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from omni_kernels._triton import HAS_TRITON, INTERPRET, triton_runs
 from omni_kernels.causal_conv import (causal_conv1d_ref, causal_conv1d_triton, causal_conv_transpose1d_ref,
                                       causal_conv_transpose1d_triton)
 from omni_kernels.rvq_lookup import rvq_embed_mean_ref, rvq_embed_mean_triton
+from test_rvq_conv_ops import chunked
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and triton_runs(DEVICE)), reason="needs triton (GPU or interpreter)")
@@ -25,7 +25,6 @@ BF16_TOL = 4e-2 if INTERPRET else 2e-2
 # a fused-snake input one (truncated) ulp off at |x| ~ 4 is 0.03 off; a conv output that cancels to ~0.1 keeps it
 SNAKE_BF16_ATOL = 1e-1 if INTERPRET else 5e-2
 DTYPES = [(torch.float32, 2e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, BF16_TOL, BF16_TOL)]
-CHUNKS = [1, 3, 7, 2, 1, 16, 5]      # cycled until the input is used up
 
 
 def rand(*shape, dtype=torch.float32, g, scale=1.0, sliced=False):
@@ -39,14 +38,6 @@ def rand(*shape, dtype=torch.float32, g, scale=1.0, sliced=False):
 def check(out, expected, atol, rtol):
     assert out.shape == expected.shape and out.dtype == expected.dtype
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol)
-
-
-def chunked(length: int):
-    start, sizes = 0, itertools.cycle(CHUNKS)
-    while start < length:
-        size = next(sizes)
-        yield start, min(start + size, length)
-        start += size
 
 
 def snake_atol(dtype, snake, atol):
