@@ -75,7 +75,10 @@ class ThinkerStream:
         self.timer = timer or StageTimer()
         with self.timer("thinker prefill"):
             self.logits, self.prompt_hidden = runner.prefill(prompt, capture_layer)
-        self.history = ids.view(1, -1)
+        # Prompt and answer so far, for the repetition penalty: one buffer, filled as tokens come.
+        self.ids = torch.empty(1, ids.numel() + max_new_tokens, dtype=torch.int64, device=ids.device)
+        self.ids[0, :ids.numel()] = ids
+        self.length = ids.numel()
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
 
@@ -83,16 +86,18 @@ class ThinkerStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """The next token [1]; its ``is_last`` is ``self.finished`` right after."""
-        token = self.sampler(self.logits, self.history)
+        token = self.sampler(self.logits, self.ids[:, :self.length])
         self.tokens.append(int(token))
         if self.tokens[-1] in self.eos:
             self.finish_reason = "eos"
         elif len(self.tokens) == self.max_new_tokens:
             self.finish_reason = "length"
         else:
-            self.history = torch.cat([self.history, token.view(1, 1)], dim=1)
+            self.ids[0, self.length] = token[0]
+            self.length += 1
             with self.timer("thinker decode"):
                 self.logits = self.runner.decode(token.view(1, 1))
         return token
@@ -122,7 +127,8 @@ class SpeechSession:
         self.runner = model.talker_runner
         self.timer = thinker.timer
         self.code2wav = model.code2wav_stream()
-        self.codes0: list[int] = []
+        self.codes0 = torch.empty(1, options.talker_max_new_tokens, dtype=torch.int64, device=ids.device)
+        self.codes0_count = 0                     # codebook-0 codes sampled: the penalty's history
         self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
         self.frames_sent = 0
 
@@ -155,9 +161,9 @@ class SpeechSession:
             yield self._text_event(self.thinker.step())
 
     def _sample_code0(self, logits: torch.Tensor) -> torch.Tensor:
-        history = torch.tensor([self.codes0], device=logits.device, dtype=torch.int64)
-        code0 = self.options.talker_sampler(logits, history)
-        self.codes0.append(int(code0))
+        code0 = self.options.talker_sampler(logits, self.codes0[:, :self.codes0_count])
+        self.codes0[0, self.codes0_count] = code0[0]
+        self.codes0_count += 1
         return code0
 
     def _thinker_until_ready(self, row: int) -> Iterator[StreamEvent]:
