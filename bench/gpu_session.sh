@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One GPU lease, one call: build the CUDA extension for the card present, run the GPU suite, then the benchmarks.
+#
+#   bash bench/gpu_session.sh [build] [test] [kernels] [e2e] [tune]     (no argument: build test kernels e2e)
+#
+# Logs, junit XML and result JSON are packed after every step into $OUT/session.tgz ($OUT: the device tool's folder,
+# else /tmp/gpu_session), beside the built extension and summary.txt; results also land in bench/results/.
+# Packages the machine lacks can be carried as wheels in .whl/ (installed to /tmp/site). Each step has its own time
+# limit, shortened to fit DEADLINE seconds from the start (default 570); a failing step does not stop the next one.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu_session} logs=$(mktemp -d)
+mkdir -p "$out"
+deadline=${DEADLINE:-570}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test kernels e2e)
+summary=()
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+pack() {
+  cp bench/results/*.json "$logs/" 2>/dev/null
+  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  tar czf "$out/session.tgz" -C "$logs" .
+}
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a limit, logs to NAME.log, records the outcome
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS left=$((deadline - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then summary+=("$name: skipped, no time left"); return; fi
+  echo "=== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$logs/$name.log"
+  summary+=("$(printf '%-22s rc=%-3s %4ss' "$name" "$rc" $((SECONDS - start)))")
+  pack
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$logs/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
+'transformers', transformers.__version__)" | tee -a "$logs/gpu.txt"
+
+for s in "${steps[@]}"; do
+  case $s in
+    build)
+      arch=$(python3 -c "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")
+      if compgen -G "omni_kernels/_C*.so" >/dev/null; then
+        summary+=("build: reusing $(ls omni_kernels/_C*.so)")
+      else
+        step build 300 env TORCH_CUDA_ARCH_LIST="$arch" python3 setup.py -q build_ext --inplace
+      fi
+      cp omni_kernels/_C*.so "$out/" 2>/dev/null ;;
+    test)
+      step test_gpu 360 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfE --tb=short \
+        --junitxml="$logs/junit.xml" tests ;;
+    kernels)
+      step bench_fused_moe 240 python3 bench/bench_fused_moe.py
+      step bench_attention 150 python3 bench/bench_attention.py
+      step bench_code2wav 90 python3 bench/bench_code2wav_kernels.py ;;
+    e2e)
+      step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16
+      step e2e_full 420 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size --thinker-layers 24
+      step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
+    tune)
+      step tune_fused_moe 540 python3 bench/tune_fused_moe.py --quick
+      cp omni_kernels/configs/fused_moe/*.json "$logs/" 2>/dev/null; pack ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
+pack
+echo "=== summary"
+cat "$out/summary.txt"
