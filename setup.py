@@ -49,13 +49,22 @@ def _cuda_extension():
     except ImportError:
         pass
     system_includes = [f for d in _nvidia_wheel_includes() for f in ("-isystem", d)]
+    # torch no longer passes its libstdc++ ABI; a host compiler that defaults to the other one would hand libc10
+    # std::strings of another layout. Pin the ABI torch was built with.
+    abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    # Share the process's libstdc++ with torch. A toolchain that links libstdc++ statically by default (seen: the
+    # GPU machines' /opt/gcc, which is CC/CXX there) gives the extension a second, never-initialised copy of the
+    # iostreams and locales, and the first TORCH_CHECK message that formats a number segfaults. Naming the shared
+    # library first leaves the static archive only what the system's libstdc++.so lacks.
+    link_shared_libstdcxx = ["-Wl,-Bdynamic", "-lstdc++"]
     ext = CUDAExtension(
         name="omni_kernels._C",
         sources=sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp")),
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         # No --use_fast_math: the kernels must reproduce the reference's rounding. No -std either: torch adds the
         # standard its headers need (2.13/2.14 add C++20; 2.14's headers fail as C++17). csrc/include is C++17.
-        extra_compile_args={"cxx": ["-O3", *system_includes], "nvcc": ["-O3", *system_includes]},
+        extra_compile_args={"cxx": ["-O3", *abi, *system_includes], "nvcc": ["-O3", *abi, *system_includes]},
+        extra_link_args=link_shared_libstdcxx,
     )
     print(
         f"omni-runtime: building the CUDA extension for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}",

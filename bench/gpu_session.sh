@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU lease, one call: build the CUDA extension for the card present, run the GPU suite, then the benchmarks.
 #
-#   bash bench/gpu_session.sh [build] [test] [kernels] [e2e] [tune]     (no argument: build test kernels e2e)
+#   bash bench/gpu_session.sh [STEP...]      (no argument: build test kernels e2e)
+#   steps: build, test, kernels (= moe attention code2wav), e2e (= e2e_small e2e_full thinker_decode), tune
+#   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
 #
 # Logs, junit XML and result JSON are packed after every step into $OUT/session.tgz ($OUT: the device tool's folder,
 # else /tmp/gpu_session), beside the built extension and summary.txt; results also land in bench/results/.
@@ -46,7 +48,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" | tee -a "$logs/gpu.txt"
 
-for s in "${steps[@]}"; do
+for ((i = 0; i < ${#steps[@]}; i++)); do
+  s=${steps[i]}
   case $s in
     build)
       arch=$(python3 -c "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")
@@ -58,15 +61,17 @@ for s in "${steps[@]}"; do
       cp omni_kernels/_C*.so "$out/" 2>/dev/null ;;
     test)
       step test_gpu 360 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfE --tb=short \
-        --junitxml="$logs/junit.xml" tests ;;
-    kernels)
-      step bench_fused_moe 240 python3 bench/bench_fused_moe.py
-      step bench_attention 150 python3 bench/bench_attention.py
-      step bench_code2wav 90 python3 bench/bench_code2wav_kernels.py ;;
-    e2e)
-      step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16
-      step e2e_full 420 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size --thinker-layers 24
-      step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
+        --junitxml="$logs/junit.xml" ${TESTS:-tests} ;;
+    kernels) steps+=(moe attention code2wav) ;;
+    moe) step bench_fused_moe 240 python3 bench/bench_fused_moe.py ;;
+    attention) step bench_attention 150 python3 bench/bench_attention.py ;;
+    code2wav) step bench_code2wav 240 python3 bench/bench_code2wav_kernels.py ;;
+    e2e) steps+=(e2e_small e2e_full thinker_decode) ;;
+    e2e_small) step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 ;;
+    e2e_full)  # THINKER_LAYERS: 48 is the released model (about 65 GiB in bf16 with the talker)
+      step e2e_full 420 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
+        --thinker-layers "${THINKER_LAYERS:-24}" ;;
+    thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
     tune)
       step tune_fused_moe 540 python3 bench/tune_fused_moe.py --quick
       cp omni_kernels/configs/fused_moe/*.json "$logs/" 2>/dev/null; pack ;;

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 from hf_checkpoints import omni_config_dict, save_reference_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# cuDNN convolutions default to TF32 on Ampere and later (matmuls do not): fp32 references on a GPU must be fp32.
+torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -180,7 +180,9 @@ def test_encoder_matches_reference(tiny, dtype, lengths):
     actual, expected = encode_both(ours[dtype], reference[dtype], lengths)
     assert actual.shape == (sum(audio_token_count(n) for n in lengths), 64) and actual.dtype == dtype
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, atol=atol * expected.abs().max().item(), rtol=rtol)
+    # torch 2.11's CPU bf16 kernels give NaN for a one-frame audio in the reference too: NaN must match NaN
+    scale = expected.float().nan_to_num().abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, equal_nan=True)
 
 
 @pytest.mark.parametrize("lengths", [[1700], [37], [37, 250], [480, 37, 1010, 99], [37, 80]],

@@ -35,9 +35,9 @@ def chunked(length: int):
 
 
 def assert_same_sums(streamed, offline):
-    # The same products and sums; torch's CPU conv may still pick another reduction order for another length
-    # (seen: 1 ulp in fp32 for a grouped, not depthwise, conv). Everything else here is bit-identical.
-    eps = torch.finfo(offline.dtype).eps
+    # The same products and sums, but torch's CPU conv picks its reduction order by length and by CPU: 1 ulp seen
+    # here for a grouped conv, up to 4 ulps on an AVX-512 host for the transposed conv. The bound is 1e-5.
+    eps = 8 * torch.finfo(offline.dtype).eps
     torch.testing.assert_close(streamed, offline, atol=eps, rtol=eps)
 
 
