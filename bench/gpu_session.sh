@@ -2,7 +2,8 @@
 # One GPU lease, one call: build the CUDA extension for the card present, run the GPU suite, then the benchmarks.
 #
 #   bash bench/gpu_session.sh [STEP...]      (no argument: build test kernels e2e)
-#   steps: build, test, kernels (= moe attention code2wav), e2e (= e2e_small e2e_full thinker_decode), tune
+#   steps: build, test, kernels (= moe attention code2wav), e2e (= e2e_small e2e_full talker_frame
+#   thinker_decode), tune
 #   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
 #
 # Logs, junit XML and result JSON are packed after every step into $OUT/session.tgz ($OUT: the device tool's folder,
@@ -66,11 +67,12 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
     moe) step bench_fused_moe 240 python3 bench/bench_fused_moe.py ;;
     attention) step bench_attention 150 python3 bench/bench_attention.py ;;
     code2wav) step bench_code2wav 240 python3 bench/bench_code2wav_kernels.py ;;
-    e2e) steps+=(e2e_small e2e_full thinker_decode) ;;
+    e2e) steps+=(e2e_small e2e_full talker_frame thinker_decode) ;;
     e2e_small) step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 ;;
     e2e_full)  # THINKER_LAYERS: 48 is the released model (about 65 GiB in bf16 with the talker)
       step e2e_full 420 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
         --thinker-layers "${THINKER_LAYERS:-24}" ;;
+    talker_frame) step talker_frame 180 python3 bench/profile_talker_frame.py --device cuda --dtype bfloat16 --full-size ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
     tune)
       step tune_fused_moe 540 python3 bench/tune_fused_moe.py --quick

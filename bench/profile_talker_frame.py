@@ -1,0 +1,120 @@
+"""Where a talker frame's time goes: the talker decode step and the code predictor's 15 steps, against the floor of
+reading their weights once, and kernel by kernel.
+
+    python bench/profile_talker_frame.py [--device cuda --dtype bfloat16 --full-size] [--frames 20]
+
+Random weights (the released sizes with ``--full-size``; the thinker is cut to 2 layers since only the talker runs),
+a short talker prefill, then frames exactly as the pipeline runs them with greedy sampling (captured CUDA graphs on a
+GPU): per-stage milliseconds, the bandwidth floor of each stage (weights it must read / ``--peak-gbs``) and the ops
+or kernels that take the most time. Writes bench/results/talker_frame[_full]_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from common import DTYPES, environment, save, timed
+
+from omni_runtime import OmniModel
+from omni_runtime.demo import DEMO_CONFIG, RELEASED_CONFIG
+from omni_runtime.sampling import Sampler, SamplingParams
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--full-size", action="store_true", help="the released talker and code predictor")
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth for the floor (GB/s)")
+    p.add_argument("--top", type=int, default=25, help="rows of the op/kernel table")
+    return p.parse_args()
+
+
+def weight_bytes_per_frame(model: OmniModel) -> dict[str, int]:
+    """Bytes of weights one frame must read: the talker step reads its dense weights, top-k of E experts per MoE
+    layer and the codec head; each predictor step reads the predictor's layers, one codebook's head and embedding."""
+    talker, cfg = model.talker, model.config.talker
+    dense = sum(p.numel() * p.element_size() for n, p in talker.model.named_parameters()
+                if "experts." not in n and "codec_embedding" not in n)
+    experts = sum(p.numel() * p.element_size() for n, p in talker.model.named_parameters() if "experts." in n)
+    talker_step = (dense + experts * cfg.text.num_experts_per_tok // max(cfg.text.num_experts, 1)
+                   + talker.codec_head.weight.numel() * talker.codec_head.weight.element_size())
+    predictor = talker.code_predictor
+    layers = sum(p.numel() * p.element_size() for n, p in predictor.model.named_parameters()
+                 if "codec_embedding" not in n)
+    head = predictor.lm_head[0].weight
+    steps = cfg.num_code_groups - 1
+    return {"talker decode": talker_step, "code predictor": steps * (layers + head.numel() * head.element_size())}
+
+
+def main():
+    args = parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = copy.deepcopy(RELEASED_CONFIG if args.full_size else DEMO_CONFIG)
+    config["thinker_config"]["text_config"]["num_hidden_layers"] = 2
+    config["talker_config"]["accept_hidden_layer"] = 1
+    model = OmniModel.random(config, device=device, dtype=dtype, max_seq_len=256)
+    runner, greedy = model.talker_runner, Sampler(SamplingParams(temperature=0.0), device)
+    hidden_size = runner.cfg.text.hidden_size
+
+    with torch.inference_mode():
+        prompt = 0.02 * torch.randn(1, 8, hidden_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        positions = torch.arange(8, device=device).view(1, 1, -1).expand(3, 1, -1)
+        logits, hidden = runner.prefill(prompt, positions)
+        state = {"hidden": hidden, "code0": greedy(logits)}
+        stages = {"code predictor": [], "talker decode": []}
+
+        def predict():
+            state["frame"] = runner.predict_residuals(state["hidden"], state["code0"], greedy)[1]
+
+        def decode():
+            logits, state["hidden"] = runner.decode(state["frame"])
+            state["code0"] = greedy(logits)
+
+        def frame(record: bool):
+            for name, fn in (("code predictor", predict), ("talker decode", decode)):
+                seconds = timed(fn, device)
+                if record:
+                    stages[name].append(seconds)
+
+        for _ in range(3):              # warm up: Triton compiles, graphs are captured
+            frame(record=False)
+        for _ in range(args.frames):
+            frame(record=True)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                frame(record=False)
+
+    floors = {k: v / (args.peak_gbs * 1e9) for k, v in weight_bytes_per_frame(model).items()}
+    rows = []
+    print(f"{environment(device)['device']}, {args.dtype}, {'released' if args.full_size else 'demo'} talker")
+    print(f"{'stage':16s} {'ms/frame':>9s} {'floor ms':>9s} {'x floor':>8s}")
+    for name, times in stages.items():
+        ms = 1e3 * sorted(times)[len(times) // 2]
+        floor_ms = 1e3 * floors[name]
+        rows.append({"stage": name, "ms": ms, "floor_ms": floor_ms, "over_floor": ms / floor_ms})
+        print(f"{name:16s} {ms:9.3f} {floor_ms:9.3f} {ms / floor_ms:8.1f}")
+    total = sum(r["ms"] for r in rows)
+    floor_total = sum(r["floor_ms"] for r in rows)
+    print(f"{'frame':16s} {total:9.3f} {floor_total:9.3f} {total / floor_total:8.1f}")
+
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:args.top]
+    ops = [{"name": e.key, "calls_per_frame": e.count / 5, "us_per_frame": getattr(e, sort_key) / 5} for e in events]
+    print(f"\n{'op / kernel (5 frames profiled)':70s} {'calls/frame':>11s} {'us/frame':>9s}")
+    for op in ops:
+        print(f"{op['name'][:70]:70s} {op['calls_per_frame']:11.1f} {op['us_per_frame']:9.1f}")
+    path = save("talker_frame" + ("_full" if args.full_size else ""),
+                {"bench": "talker_frame", "env": environment(device), "dtype": args.dtype,
+                 "full_size": args.full_size, "peak_gbs": args.peak_gbs, "stages": rows,
+                 "frame_ms": total, "floor_ms": floor_total, "top_ops": ops})
+    print("saved", path)
+
+
+if __name__ == "__main__":
+    main()
