@@ -1,8 +1,8 @@
 """The talker's runner: owns the talker's KV cache and the code predictor's 16-slot cache.
 
 One talker step turns the previous frame into the next codebook-0 code; the code predictor then fills codebooks
-1..15 of that frame with 15 dependent steps over a cache it rebuilds each frame (2-token prefill + 14 decodes), so
-its state never grows.
+1..15 of that frame with 15 dependent steps over a cache it rewrites each frame (2-token prefill + 14 decodes), so
+its state never grows. Its 15 step contexts (rotary rows, slots, lengths) are the same every frame: built once.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from omni_runtime.config import TalkerConfig
 from omni_runtime.engine.decoder_state import DecoderState
 from omni_runtime.engine.graphs import CodePredictorGraph, DecodeStepGraph
+from omni_runtime.layers import StepContext
 from omni_runtime.models.talker import Talker
 from omni_runtime.sampling import Sampler, SamplingParams
 
@@ -20,6 +21,7 @@ class TalkerRunner:
         self.talker, self.cfg = talker, cfg
         self.state = DecoderState(cfg.text, max_len, device, dtype)
         self.predictor = DecoderState(cfg.code_predictor, cfg.num_code_groups, device, dtype, multimodal_rope=False)
+        self.predictor_contexts = self._predictor_contexts()
         self.greedy_predictor = Sampler(SamplingParams(temperature=0.0), device)
         self.predictor_graph = CodePredictorGraph(
             lambda hidden, code0: self._predict(hidden, code0, self.greedy_predictor), cfg.text.hidden_size, dtype,
@@ -36,6 +38,12 @@ class TalkerRunner:
     def _decode_step(self, embeds: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.talker.model(embeds, ctx, self.state.cache)
         return self.talker.codec_head(hidden)[:, -1].float(), hidden
+
+    def _predictor_contexts(self) -> list[StepContext]:
+        """The prefill of (talker state, codebook-0 embedding) at positions 0-1, then one position per codebook."""
+        state = self.predictor
+        contexts = [state.start(torch.arange(2, device=state.device).view(1, -1))]
+        return contexts + [state.next_context() for _ in range(self.cfg.num_code_groups - 2)]
 
     @property
     def max_len(self) -> int:
@@ -69,12 +77,10 @@ class TalkerRunner:
         predictor = self.talker.code_predictor
         embeds = [self.talker.model.codec_embedding(code0.view(1, 1))]                    # Q x [1, 1, H]
         x = torch.cat([hidden, embeds[0]], dim=1)                                         # [1, 2, H]
-        ctx = self.predictor.start(torch.arange(2, device=x.device).view(1, -1))
         codes = []
-        for group in range(self.cfg.num_code_groups - 1):
+        for group, ctx in enumerate(self.predictor_contexts):
             out = predictor.model(x, ctx, self.predictor.cache)
             codes.append(sampler(predictor.lm_head[group](out)[:, -1].float()))          # [1]
             x = predictor.model.codec_embedding[group](codes[-1].view(1, 1))
             embeds.append(x)
-            ctx = self.predictor.next_context() if group < self.cfg.num_code_groups - 2 else None
         return torch.cat(codes), torch.cat(embeds, dim=1).sum(1, keepdim=True)
