@@ -36,17 +36,20 @@ class SamplingParams:
 class Sampler:
     """Applies one ``SamplingParams`` to a stream of logits; owns the seeded generator of that stream."""
 
-    def __init__(self, params: SamplingParams, device: torch.device, suppress: torch.Tensor | None = None):
-        """``suppress``: optional bool mask [V] of tokens that may never be drawn (the talker's codec specials)."""
+    def __init__(self, params: SamplingParams, device: torch.device, suppress: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        """``suppress``: optional bool mask [V] of tokens that may never be drawn (the talker's codec specials).
+        ``generator``: draw from this one as it stands (a runner's generator that a CUDA graph registered) instead of
+        a new one seeded from ``params.seed``."""
         self.params = params
         self.suppress = suppress
-        self.generator = None
-        if not params.greedy:
-            self.generator = torch.Generator(device=device)
+        if not params.greedy and generator is None:
+            generator = torch.Generator(device=device)
             if params.seed is not None:
-                self.generator.manual_seed(params.seed)
+                generator.manual_seed(params.seed)
             else:
-                self.generator.seed()
+                generator.seed()
+        self.generator = None if params.greedy else generator
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """logits: [B, V] fp32, history: [B, N] token ids seen so far -> next tokens [B] int64."""

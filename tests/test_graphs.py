@@ -29,6 +29,29 @@ def test_code_predictor_graph_replays_like_eager(reference_checkpoint, dtype):
         torch.testing.assert_close(embed, eager_embed, atol=0, rtol=0)
 
 
+@pytest.mark.gpu
+def test_sampled_code_predictor_graph_draws_like_eager(reference_checkpoint):
+    # A sampled frame replays a graph that draws from the runner's generator; with the request's seed it must give
+    # the eager codes frame after frame (each replay advancing the generator), and frames must differ.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    folder, _ = reference_checkpoint()
+    runner = OmniModel.from_pretrained(folder, device="cuda").talker_runner
+    params, cuda = SamplingParams(temperature=0.9, top_k=50, top_p=0.8, seed=3), torch.device("cuda")
+    hidden = torch.randn(1, 1, runner.cfg.text.hidden_size, device=cuda)
+    code0 = torch.tensor([7], device=cuda)
+    with torch.inference_mode():
+        for _ in range(2):   # two requests: the second reseeds and replays the graph the first captured
+            sampler = Sampler(params, cuda)
+            graphed = [runner.predict_residuals(hidden, code0, sampler)[0] for _ in range(3)]
+            eager_sampler = Sampler(params, cuda)
+            eager = [runner._predict(hidden, code0, eager_sampler)[0] for _ in range(3)]
+            graph = runner.sampled_predictor_graphs[(0.9, 50, 0.8)]
+            assert graph.graph is not None and not graph.failed
+            assert all(torch.equal(a, b) for a, b in zip(graphed, eager))
+            assert not torch.equal(graphed[0], graphed[1])
+
+
 def test_cpu_runs_the_predictor_eagerly(reference_checkpoint):
     folder, _ = reference_checkpoint()
     runner = OmniModel.from_pretrained(folder).talker_runner

@@ -23,6 +23,17 @@ def test_same_seed_same_draws_different_seed_different_draws():
     assert stream(1) != stream(2)
 
 
+def test_a_given_generator_draws_as_a_seeded_sampler():
+    # what the code predictor's graphs rely on: the runner's generator, reseeded with a request's seed, draws the
+    # request's stream (and a given generator is used as it stands, not reseeded from params.seed)
+    logits = torch.randn(1, 3000)
+    params = SamplingParams(temperature=0.9, top_k=50, top_p=0.8, seed=11)
+    own = Sampler(params, torch.device("cpu"))
+    given = Sampler(SamplingParams(temperature=0.9, top_k=50, top_p=0.8, seed=99), torch.device("cpu"),
+                    generator=torch.Generator().manual_seed(own.generator.initial_seed()))
+    assert [int(own(logits)) for _ in range(20)] == [int(given(logits)) for _ in range(20)]
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(4, 300)
     for params in (SamplingParams(temperature=0.7, top_k=1, seed=0), SamplingParams(temperature=1.3, top_p=1e-6)):

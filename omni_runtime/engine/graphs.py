@@ -3,9 +3,10 @@ talker's decode steps, each captured once and replayed.
 
 The frame is static by construction: the predictor's cache is rebuilt every frame, so every frame runs the same
 kernels on the same shapes (a 2-token prefill, then 14 single-token steps over 3..16 cached positions). Captured once
-per talker runner, a frame costs one graph launch instead of ~15 x 150 kernel launches from Python. Only greedy
-frames are captured (argmax needs no random state); sampled frames and CPU runs go through the eager path, which is
-the same code.
+per talker runner, a frame costs one graph launch instead of ~15 x 150 kernel launches from Python. Greedy frames
+need no random state. Sampled frames draw from a generator registered with the graph: each replay then advances it
+by what the captured draws consumed, as eager draws would, so a seed gives the same codes either way (checked once
+after capture; a mismatch or a capture error leaves the frame eager). CPU runs take the eager path, the same code.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ class CodePredictorGraph:
     """``__call__(hidden [1, 1, H], code0 [1])`` -> (codes [Q-1], frame embedding [1, 1, H]), like ``frame``."""
 
     def __init__(self, frame: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                 hidden_size: int, dtype: torch.dtype, device: torch.device, warmup: int = 2):
-        self.frame, self.warmup = frame, warmup
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, warmup: int = 2,
+                 generator: torch.Generator | None = None):
+        """``generator``: the one ``frame`` samples from, if any (registered with the graph at capture)."""
+        self.frame, self.warmup, self.generator = frame, warmup, generator
         self.hidden = torch.zeros(1, 1, hidden_size, dtype=dtype, device=device)
         self.code0 = torch.zeros(1, dtype=torch.int64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -45,6 +48,8 @@ class CodePredictorGraph:
         return codes.clone(), embed.clone()
 
     def _capture(self) -> None:
+        # warm-up, capture and check all draw: the generator restarts from its seed afterwards, where it stood
+        seed = None if self.generator is None else self.generator.initial_seed()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -53,12 +58,31 @@ class CodePredictorGraph:
                     self.frame(self.hidden, self.code0)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:
+                graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph):
                 self.outputs = self.frame(self.hidden, self.code0)
+            if self.generator is not None:
+                self._check_draws(graph)
             self.graph = graph
         except Exception as e:  # a kernel that cannot be captured: stay correct, lose only speed
             warnings.warn(f"code predictor CUDA-graph capture failed, running it eagerly: {e}", stacklevel=3)
             self.failed, self.graph, self.outputs = True, None, None
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def _check_draws(self, graph: torch.cuda.CUDAGraph) -> None:
+        # The same seed must give the same codes replayed as eager, twice in a row (the second frame shows that a
+        # replay advanced the generator as the eager frame did).
+        self.generator.manual_seed(0)
+        eager = [self.frame(self.hidden, self.code0)[0].clone() for _ in range(2)]
+        self.generator.manual_seed(0)
+        replayed = []
+        for _ in range(2):
+            graph.replay()
+            replayed.append(self.outputs[0].clone())
+        if not all(torch.equal(a, b) for a, b in zip(eager, replayed)):
+            raise RuntimeError("sampled codes replayed from the graph differ from eager ones with the same seed")
 
 
 class DecodeStepGraph:

@@ -26,6 +26,11 @@ class TalkerRunner:
         self.predictor_graph = CodePredictorGraph(
             lambda hidden, code0: self._predict(hidden, code0, self.greedy_predictor), cfg.text.hidden_size, dtype,
             device)
+        # Sampled frames: one graph per (temperature, top-k, top-p), all drawing from this runner's generator, which
+        # each request reseeds with its own predictor seed (see predict_residuals).
+        self.predictor_generator = torch.Generator(device=device) if device.type == "cuda" else None
+        self.sampled_predictor_graphs: dict[tuple, CodePredictorGraph] = {}
+        self.seeded_for: Sampler | None = None
         self.decode_graph: DecodeStepGraph | None = None
         if device.type == "cuda":
             self.use_decode_graph()
@@ -67,10 +72,25 @@ class TalkerRunner:
                           sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: [1, 1, H] talker state that produced ``code0`` ([1]) -> (codes of codebooks 1..Q-1 [Q-1],
         the next talker input before text conditioning: the sum of the frame's Q code embeddings [1, 1, H]).
-        Greedy frames replay a captured CUDA graph on a GPU."""
-        if sampler.params.greedy:
+        On a GPU frames replay a captured CUDA graph. A sampled one draws from the runner's generator, reseeded
+        with ``sampler``'s seed when a new sampler (a new request) comes: the same codes as eager draws from
+        ``sampler``'s own generator."""
+        p = sampler.params
+        if p.greedy:
             return self.predictor_graph(hidden, code0)
-        return self._predict(hidden, code0, sampler)
+        if self.predictor_generator is None:
+            return self._predict(hidden, code0, sampler)
+        if sampler is not self.seeded_for:
+            self.predictor_generator.manual_seed(sampler.generator.initial_seed())
+            self.seeded_for = sampler
+        key = (p.temperature, p.top_k, p.top_p)
+        if key not in self.sampled_predictor_graphs:
+            drawing = Sampler(SamplingParams(p.temperature, p.top_k, p.top_p), self.predictor_generator.device,
+                              generator=self.predictor_generator)
+            self.sampled_predictor_graphs[key] = CodePredictorGraph(
+                lambda hidden, code0: self._predict(hidden, code0, drawing), self.cfg.text.hidden_size,
+                self.state.dtype, self.predictor_generator.device, generator=self.predictor_generator)
+        return self.sampled_predictor_graphs[key](hidden, code0)
 
     def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
                  sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
