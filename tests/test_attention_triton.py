@@ -106,9 +106,9 @@ def test_qk_norm_rope_without_norm_batch_shared_tables_and_mixed_dtypes():
 
 # ------------------------------------------------------------------------------------------------ prefill attention
 def check_attention(q, k, v, causal=True, window=None, cu_seqlens=None):
+    # the launcher itself: the dispatched op sends plain causal prefill on a GPU to SDPA (measured faster)
     scale = q.shape[-1] ** -0.5
-    with ok.use_backend("triton", op="attention"):
-        out = ok.attention(q, k, v, scale, causal, window, cu_seqlens)
+    out = attention_triton(q, k, v, scale, causal, window, cu_seqlens)
     ref = attention_ref(q.float(), k.float(), v.float(), scale, causal, window, cu_seqlens)
     atol, rtol = ATTN_TOL[q.dtype]
     assert out.dtype == q.dtype and out.shape == q.shape
@@ -221,6 +221,17 @@ def test_bad_arguments_and_unsupported_cases():
         attention_triton(big, big, big, 1.0)
     with ok.use_backend("triton", op="attention"):                    # the dispatched op falls back
         torch.testing.assert_close(ok.attention(big, big, big, 1.0), attention_ref(big, big, big, 1.0))
+
+
+@pytest.mark.gpu
+def test_dispatch_sends_plain_causal_prefill_to_sdpa_and_windows_to_the_kernel():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    q, k, v = (torch.randn(1, 4, 96, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with ok.use_backend("triton", op="attention"):
+        plain, windowed = ok.attention(q, k, v, 0.125), ok.attention(q, k, v, 0.125, window=16)
+    assert torch.equal(plain, attention_ref(q, k, v, 0.125))
+    assert torch.equal(windowed, attention_triton(q, k, v, 0.125, True, 16, None))
 
 
 def test_registered_as_triton_backends():
