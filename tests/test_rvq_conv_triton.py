@@ -10,12 +10,12 @@ snake: every op rounded). bf16 does too, but the interpreter truncates fp32 -> b
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map_only
 
 import omni_kernels as ok
+from omni_kernels import causal_conv
 from omni_kernels._triton import HAS_TRITON, INTERPRET, triton_runs
-from omni_kernels.causal_conv import causal_conv1d_ref as conv1d_ref_on_device
 from omni_kernels.causal_conv import causal_conv1d_triton, causal_conv_transpose1d_triton
-from omni_kernels.causal_conv import causal_conv_transpose1d_ref as conv_transpose1d_ref_on_device
 from omni_kernels.rvq_lookup import rvq_embed_mean_ref, rvq_embed_mean_triton
 from test_rvq_conv_ops import chunked
 
@@ -30,24 +30,20 @@ SNAKE_ATOL = {torch.bfloat16: 1e-1 if INTERPRET else 5e-2, torch.float16: 2e-3 i
 DTYPES = [(torch.float32, 2e-5, 1e-5), (torch.float16, 2e-3, 2e-3), (torch.bfloat16, BF16_TOL, BF16_TOL)]
 
 
-def _moved(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_moved(o, device) for o in obj)
-    return obj
+def _moved(tree, device):
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
 
 
 def on_cpu(reference):
     """The reference run on CPU, results moved back to DEVICE: the roundings the kernels repeat are those of torch's
     CPU convs (cuDNN rounds fp16/bf16 transposed-conv taps otherwise)."""
     def run(*args, **kwargs):
-        return _moved(reference(*_moved(args, "cpu"), **{k: _moved(v, "cpu") for k, v in kwargs.items()}), DEVICE)
+        return _moved(reference(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), DEVICE)
     return run
 
 
-causal_conv1d_ref = on_cpu(conv1d_ref_on_device)
-causal_conv_transpose1d_ref = on_cpu(conv_transpose1d_ref_on_device)
+causal_conv1d_ref = on_cpu(causal_conv.causal_conv1d_ref)
+causal_conv_transpose1d_ref = on_cpu(causal_conv.causal_conv_transpose1d_ref)
 
 
 def rand(*shape, dtype=torch.float32, g, scale=1.0, sliced=False):
@@ -196,9 +192,9 @@ def test_fused_snake_keeps_the_reference_signature():
     g = torch.Generator().manual_seed(6)
     x, weight = rand(1, 8, 9, g=g), rand(8, 8, 7, g=g, scale=0.1)
     alpha, beta = snake_params(8, torch.float32, g)
-    plain = conv1d_ref_on_device(x, weight, None, 1, 1, None)
-    fused = conv1d_ref_on_device(x, weight, None, 1, 1, None, snake=(alpha, beta))
-    unfused = conv1d_ref_on_device(ok.snake_beta_ref(x, alpha, beta), weight, None, 1, 1, None)
+    plain = causal_conv.causal_conv1d_ref(x, weight, None, 1, 1, None)
+    fused = causal_conv.causal_conv1d_ref(x, weight, None, 1, 1, None, snake=(alpha, beta))
+    unfused = causal_conv.causal_conv1d_ref(ok.snake_beta_ref(x, alpha, beta), weight, None, 1, 1, None)
     assert all(torch.equal(a, b) for a, b in zip(fused, unfused)) and not torch.equal(plain[0], fused[0])
     with pytest.raises(ValueError, match="snake"):
         ok.causal_conv1d(x, weight, None, snake=(alpha[:4], beta))

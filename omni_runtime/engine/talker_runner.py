@@ -85,11 +85,10 @@ class TalkerRunner:
             self.seeded_for = sampler
         key = (p.temperature, p.top_k, p.top_p)
         if key not in self.sampled_predictor_graphs:
-            drawing = Sampler(SamplingParams(p.temperature, p.top_k, p.top_p), self.predictor_generator.device,
-                              generator=self.predictor_generator)
+            drawing = Sampler(SamplingParams(*key), self.state.device, generator=self.predictor_generator)
             self.sampled_predictor_graphs[key] = CodePredictorGraph(
                 lambda hidden, code0: self._predict(hidden, code0, drawing), self.cfg.text.hidden_size,
-                self.state.dtype, self.predictor_generator.device, generator=self.predictor_generator)
+                self.state.dtype, self.state.device, generator=self.predictor_generator)
         return self.sampled_predictor_graphs[key](hidden, code0)
 
     def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
