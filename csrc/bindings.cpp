@@ -5,6 +5,14 @@
 
 #include <optional>
 
+// CPU twins (csrc/cpu/), built into every extension.
+void code_predictor_frame(at::Tensor const& prefix, at::TensorList layers, at::Tensor const& final_norm,
+                          at::TensorList embeddings, at::TensorList heads, at::Tensor const& cos,
+                          at::Tensor const& sin, int64_t num_heads, int64_t num_kv_heads, double eps,
+                          double temperature, int64_t top_k, double top_p,
+                          std::optional<at::Generator> generator, at::Tensor& codes, at::Tensor& embed_sum);
+
+#ifdef OMNI_WITH_CUDA
 void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Tensor& out);
 void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
                   std::optional<at::Tensor> const& q_norm_weight, std::optional<at::Tensor> const& k_norm_weight,
@@ -18,6 +26,7 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
                    int64_t dilation, int64_t groups, std::optional<at::Tensor> const& state,
                    std::optional<at::Tensor> const& snake_alpha, std::optional<at::Tensor> const& snake_beta,
                    at::Tensor& out, at::Tensor& new_state);
+#endif
 
 TORCH_LIBRARY(omni, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
@@ -29,7 +38,16 @@ TORCH_LIBRARY(omni, m) {
   m.def("rvq_embed_mean(Tensor codes, Tensor table, int codebook_size, Tensor(a!) out) -> ()");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, int dilation, int groups, Tensor? state, "
         "Tensor? snake_alpha, Tensor? snake_beta, Tensor(a!) out, Tensor(b!) new_state) -> ()");
+  m.def("code_predictor_frame(Tensor prefix, Tensor[] layers, Tensor final_norm, Tensor[] embeddings, "
+        "Tensor[] heads, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float temperature, "
+        "int top_k, float top_p, Generator? generator, Tensor(a!) codes, Tensor(b!) embed_sum) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(omni, CPU, m) {
+  m.impl("code_predictor_frame", &code_predictor_frame);
+}
+
+#ifdef OMNI_WITH_CUDA
 
 TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
@@ -38,6 +56,7 @@ TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("rvq_embed_mean", &rvq_embed_mean);
   m.impl("causal_conv1d", &causal_conv1d);
 }
+#endif
 
 // `import omni_kernels._C` only has to load this library (running the registrations above); the ops are then
 // reached through torch.ops.omni. An empty module, no pybind11.

@@ -1,6 +1,7 @@
-"""Lazy access to the compiled CUDA extension ``omni_kernels._C`` (built from ``csrc/`` when a CUDA toolchain exists).
+"""Lazy access to the compiled extension ``omni_kernels._C`` (built from ``csrc/``: the CUDA kernels where a CUDA
+toolchain exists, the C++ CPU twins wherever torch and a C++ compiler do).
 
-Nothing here runs at import time: the shared library is loaded on the first CUDA call that asks for it, so
+Nothing here runs at import time: the shared library is loaded on the first call that asks for it, so
 ``import omni_kernels`` works on machines without a GPU or without the extension.
 """
 from __future__ import annotations
@@ -21,8 +22,12 @@ def extension_loaded() -> bool:
 
 
 @functools.cache
-def has_cuda_op(name: str) -> bool:
+def has_op(name: str) -> bool:
+    """The extension registered ``name`` (with kernels for the devices its build covers)."""
     return extension_loaded() and hasattr(torch.ops.omni, name)
+
+
+has_cuda_op = has_op
 
 
 def cuda_runs(name: str):
@@ -32,6 +37,7 @@ def cuda_runs(name: str):
 
 def _register_fakes() -> None:
     # Ops that write into preallocated outputs return nothing; their fakes only need to exist for tracing.
-    for name in ("rms_norm", "qk_norm_rope", "decode_attention", "rvq_embed_mean", "causal_conv1d"):
+    for name in ("rms_norm", "qk_norm_rope", "decode_attention", "rvq_embed_mean", "causal_conv1d",
+                 "code_predictor_frame"):
         if hasattr(torch.ops.omni, name):
             torch.library.register_fake(f"omni::{name}")(lambda *args, **kwargs: None)

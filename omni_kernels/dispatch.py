@@ -1,13 +1,13 @@
-"""Backend selection for every op: the CUDA extension, Triton, or the pure-torch reference.
+"""Backend selection for every op: the CUDA extension, its CPU twins, Triton, or the pure-torch reference.
 
 Each op registers one implementation per backend together with a predicate saying on which devices it runs. A call
 asks the registry for the implementation to use for its input's device:
 
 * the backend forced for that op (``set_backend(name, op=...)``), else the one forced globally
-  (``set_backend(name)`` or the environment variable ``OMNI_KERNELS_BACKEND=cuda|triton|torch``), when it implements
-  the op on that device;
-* otherwise the first of ``cuda``, ``triton``, ``torch`` that does (on CPU, Triton runs in the interpreter, a test
-  tool, so it is used there only when forced).
+  (``set_backend(name)`` or the environment variable ``OMNI_KERNELS_BACKEND=cuda|cpp|triton|torch``), when it
+  implements the op on that device;
+* otherwise the first of ``cuda``, ``cpp`` (the extension's C++ CPU twins), ``triton``, ``torch`` that does (on CPU,
+  Triton runs in the interpreter, a test tool, so it is used there only when forced).
 
 The reference (``torch``) runs everywhere, so every op always has an implementation. Selection happens in Python
 before the torch dispatcher, so ``torch.compile`` and CUDA-graph capture see only the chosen kernel.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "cpp", "triton", "torch")
 ENV_VAR = "OMNI_KERNELS_BACKEND"
 
 

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from omni_kernels.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, sample_ref
+
+__all__ = ["Sampler", "SamplingParams", "apply_repetition_penalty", "apply_top_k", "apply_top_p"]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -58,35 +62,4 @@ class Sampler:
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if self.suppress is not None:
             logits = logits.masked_fill(self.suppress, float("-inf"))
-        if p.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits / p.temperature
-        if p.top_k:
-            logits = apply_top_k(logits, p.top_k)
-        if p.top_p < 1.0:
-            logits = apply_top_p(logits, p.top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    # CTRL-style: seen tokens' positive logits are divided by the penalty, negative ones multiplied.
-    seen = logits.gather(-1, history)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
-    return logits.scatter(-1, history, seen)
-
-
-def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    # Drop the lowest-probability tokens whose cumulative mass stays within 1 - top_p; always keep the best one.
-    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - top_p)
-    drop_sorted[..., -1:] = False
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+        return sample_ref(logits, p.temperature, p.top_k, p.top_p, self.generator)

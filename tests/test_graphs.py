@@ -2,10 +2,9 @@
 import pytest
 import torch
 
+import omni_kernels as ok
 from omni_runtime import OmniModel
 from omni_runtime.sampling import Sampler, SamplingParams
-
-
 
 
 @pytest.mark.gpu
@@ -53,11 +52,12 @@ def test_sampled_code_predictor_graph_draws_like_eager(reference_checkpoint):
 
 
 def test_cpu_runs_the_predictor_eagerly(reference_checkpoint):
+    # The module path (the CPU twin forced off): eager, never captured.
     folder, _ = reference_checkpoint()
     runner = OmniModel.from_pretrained(folder).talker_runner
     greedy = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
     hidden, code0 = torch.randn(1, 1, runner.cfg.text.hidden_size), torch.tensor([7])
-    with torch.inference_mode():
+    with torch.inference_mode(), ok.use_backend("torch", op="code_predictor_frame"):
         codes, embed = runner.predict_residuals(hidden, code0, greedy)
         expected = runner._predict(hidden, code0, greedy)
     assert runner.predictor_graph.graph is None

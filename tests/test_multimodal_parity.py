@@ -7,7 +7,7 @@ import torch
 from omni_runtime import OmniModel
 from test_positions import IM_END, IM_START, NEWLINE, USER, Prompt
 from test_speech import GREEDY_TALKER, WAVE_ATOL, reference_speech
-from test_thinker_parity import TOLERANCES, teacher_forced_logits
+from test_thinker_parity import assert_logits_match, teacher_forced_logits
 
 ASSISTANT = 77091
 
@@ -72,9 +72,7 @@ def test_multimodal_thinker_matches_reference(checkpoint, case, dtype):
     expected, expected_logits = out.sequences[0, ids.shape[1]:].tolist(), torch.cat(out.logits).float()
     ours = model.generate(ids, max_new_tokens=8, eos_token_id=IM_END, **floats)
     assert ours.text_ids == expected
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(teacher_forced_logits(model, ids, expected, **floats), expected_logits,
-                               atol=max(atol, 2e-5), rtol=max(rtol, 2e-5))
+    assert_logits_match(teacher_forced_logits(model, ids, expected, **floats), expected_logits, dtype, floor=2e-5)
 
 
 @pytest.mark.parametrize("case", ["audio", "image"])

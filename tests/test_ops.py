@@ -195,6 +195,19 @@ def test_fused_moe_matches_per_token_loop(T, E, top_k, renormalize, dtype, atol,
     torch.testing.assert_close(out.double(), expected, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, E", [(1, 8), (6, 32), (7, 128)])
+def test_moe_decode_loop_equals_grouped_gemm(rows, E, dtype):
+    # Fewer rows than experts on CPU: a loop over the used experts instead of grouped_mm's loop over all of them,
+    # which must not change a bit (the parity tests' bf16 logits are exact).
+    from omni_kernels.moe import _grouped_linear
+    g = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 64, generator=g).to(dtype), torch.randn(E, 48, 64, generator=g).to(dtype)
+    ids = torch.sort(torch.randint(0, E, (rows,), generator=g)).values
+    offsets = torch.cumsum(torch.bincount(ids, minlength=E), dim=0, dtype=torch.int32)
+    assert torch.equal(_grouped_linear(x, weight, offsets), F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets))
+
+
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_fused_moe_odd_sizes_take_the_unaligned_path(dtype, atol, rtol):
     H, inter, E = 33, 7, 5          # rows of 7 or 33 elements break the grouped GEMM's 16-byte stride rule

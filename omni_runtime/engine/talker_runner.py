@@ -3,15 +3,17 @@
 One talker step turns the previous frame into the next codebook-0 code; the code predictor then fills codebooks
 1..15 of that frame with 15 dependent steps over a cache it rewrites each frame (2-token prefill + 14 decodes), so
 its state never grows. Its 15 step contexts (rotary rows, slots, lengths) are the same every frame: built once.
+On a GPU a frame replays a CUDA graph; on a CPU (fp32) it is one call of the C++ twin ``ok.code_predictor_frame``.
 """
 from __future__ import annotations
 
 import torch
 
+import omni_kernels as ok
 from omni_runtime.config import TalkerConfig
 from omni_runtime.engine.decoder_state import DecoderState
 from omni_runtime.engine.graphs import CodePredictorGraph, DecodeStepGraph
-from omni_runtime.layers import StepContext
+from omni_runtime.layers import DenseMLP, StepContext
 from omni_runtime.models.talker import Talker
 from omni_runtime.sampling import Sampler, SamplingParams
 
@@ -22,6 +24,7 @@ class TalkerRunner:
         self.state = DecoderState(cfg.text, max_len, device, dtype)
         self.predictor = DecoderState(cfg.code_predictor, cfg.num_code_groups, device, dtype, multimodal_rope=False)
         self.predictor_contexts = self._predictor_contexts()
+        self.frame_weights = self._frame_weights() if device.type == "cpu" and dtype == torch.float32 else None
         self.greedy_predictor = Sampler(SamplingParams(temperature=0.0), device)
         self.predictor_graph = CodePredictorGraph(
             lambda hidden, code0: self._predict(hidden, code0, self.greedy_predictor), cfg.text.hidden_size, dtype,
@@ -50,6 +53,23 @@ class TalkerRunner:
         contexts = [state.start(torch.arange(2, device=state.device).view(1, -1))]
         return contexts + [state.next_context() for _ in range(self.cfg.num_code_groups - 2)]
 
+    def _frame_weights(self) -> ok.PredictorWeights | None:
+        """The predictor's weights as the one-call frame takes them (views, no copies); None for MoE layers."""
+        model, cfg = self.talker.code_predictor.model, self.cfg.code_predictor
+        if not all(isinstance(layer.mlp, DenseMLP) for layer in model.layers):
+            return None
+        layers = tuple(ok.PredictorLayer(
+            layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+            layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.self_attn.q_norm.weight,
+            layer.self_attn.k_norm.weight, layer.post_attention_layernorm.weight, layer.mlp.gate_proj.weight,
+            layer.mlp.up_proj.weight, layer.mlp.down_proj.weight) for layer in model.layers)
+        # the step contexts' own rotary rows, so both paths rotate with the same bits
+        cos = torch.cat([ctx.cos[0] for ctx in self.predictor_contexts])                    # [Q, D]
+        sin = torch.cat([ctx.sin[0] for ctx in self.predictor_contexts])
+        return ok.PredictorWeights(layers, model.norm.weight, tuple(e.weight for e in model.codec_embedding),
+                                   tuple(h.weight for h in self.talker.code_predictor.lm_head), cos, sin,
+                                   cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
+
     @property
     def max_len(self) -> int:
         return self.state.cache.max_len
@@ -76,6 +96,12 @@ class TalkerRunner:
         with ``sampler``'s seed when a new sampler (a new request) comes: the same codes as eager draws from
         ``sampler``'s own generator."""
         p = sampler.params
+        if (self.frame_weights is not None and sampler.suppress is None
+                and ok.selected_backend("code_predictor_frame", self.state.device) == "cpp"):
+            prefix = torch.cat([hidden[0], self.talker.model.codec_embedding(code0)])          # [2, H]
+            codes, embed_sum = ok.code_predictor_frame(prefix, self.frame_weights, p.temperature, p.top_k, p.top_p,
+                                                       sampler.generator)
+            return codes, embed_sum.view(1, 1, -1)
         if p.greedy:
             return self.predictor_graph(hidden, code0)
         if self.predictor_generator is None:
