@@ -6,8 +6,8 @@ Every op has a pure-torch reference (``<op>_ref``, the spec and the CPU fallback
 from omni_kernels.attention import attention, attention_ref, decode_attention, decode_attention_ref
 from omni_kernels.causal_conv import (causal_conv1d, causal_conv1d_ref, causal_conv_transpose1d,
                                       causal_conv_transpose1d_ref, snake_beta, snake_beta_ref)
-from omni_kernels.code_predictor_frame import (PredictorLayer, PredictorWeights, code_predictor_frame,
-                                               code_predictor_frame_ref)
+from omni_kernels.code_predictor_frame import PredictorWeights, code_predictor_frame, code_predictor_frame_ref
+from omni_kernels.decoder_step import DecoderLayerWeights, DecoderWeights, decoder_step, decoder_step_ref
 from omni_kernels.dispatch import BACKENDS, selected_backend, set_backend, use_backend
 from omni_kernels.moe import SharedExpert, fused_moe, fused_moe_ref, moe_experts_ref, moe_route_ref
 from omni_kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
@@ -18,7 +18,7 @@ from omni_kernels.rvq_lookup import rvq_embed_mean, rvq_embed_mean_ref
 __all__ = [
     "BACKENDS", "SharedExpert", "apply_rope_ref", "attention", "attention_ref", "causal_conv1d", "causal_conv1d_ref",
     "causal_conv_transpose1d", "causal_conv_transpose1d_ref", "code_predictor_frame", "code_predictor_frame_ref",
-    "PredictorLayer", "PredictorWeights", "decode_attention", "decode_attention_ref", "fused_moe",
+    "DecoderLayerWeights", "DecoderWeights", "PredictorWeights", "decoder_step", "decoder_step_ref", "decode_attention", "decode_attention_ref", "fused_moe",
     "fused_moe_ref", "moe_experts_ref",
     "moe_route_ref", "mrope_cos_sin_ref", "qk_norm_rope", "qk_norm_rope_ref", "rms_norm", "rms_norm_ref",
     "rope_inv_freq", "rvq_embed_mean", "rvq_embed_mean_ref", "selected_backend", "set_backend", "snake_beta",

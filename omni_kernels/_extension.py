@@ -35,9 +35,14 @@ def cuda_runs(name: str):
     return lambda device: device.type == "cuda" and has_cuda_op(name)
 
 
+def cpu_runs(name: str):
+    """Device predicate for a C++ CPU twin: the op exists in the extension and the tensor lives on the CPU."""
+    return lambda device: device.type == "cpu" and has_op(name)
+
+
 def _register_fakes() -> None:
     # Ops that write into preallocated outputs return nothing; their fakes only need to exist for tracing.
     for name in ("rms_norm", "qk_norm_rope", "decode_attention", "rvq_embed_mean", "causal_conv1d",
-                 "code_predictor_frame"):
+                 "code_predictor_frame", "decoder_step"):
         if hasattr(torch.ops.omni, name):
             torch.library.register_fake(f"omni::{name}")(lambda *args, **kwargs: None)

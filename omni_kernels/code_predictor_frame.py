@@ -18,36 +18,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from omni_kernels._extension import has_op
-from omni_kernels.attention import attention_ref
+from omni_kernels._extension import cpu_runs
+from omni_kernels.decoder_step import DecoderLayerWeights, DecoderWeights, decoder_layer_ref
 from omni_kernels.dispatch import REGISTRY, everywhere
-from omni_kernels.qk_norm_rope import qk_norm_rope_ref
 from omni_kernels.rms_norm import rms_norm_ref
 from omni_kernels.sampling import sample_ref
 
 
-class PredictorLayer(NamedTuple):
-    input_norm: torch.Tensor   # [H]
-    q_proj: torch.Tensor       # [Hq * D, H]
-    k_proj: torch.Tensor       # [Hkv * D, H]
-    v_proj: torch.Tensor       # [Hkv * D, H]
-    o_proj: torch.Tensor       # [H, Hq * D]
-    q_norm: torch.Tensor       # [D]
-    k_norm: torch.Tensor       # [D]
-    post_norm: torch.Tensor    # [H]
-    gate_proj: torch.Tensor    # [I, H]
-    up_proj: torch.Tensor      # [I, H]
-    down_proj: torch.Tensor    # [H, I]
-
-
 @dataclass(frozen=True)
 class PredictorWeights:
-    layers: tuple[PredictorLayer, ...]
+    layers: tuple[DecoderLayerWeights, ...]   # dense layers
     final_norm: torch.Tensor          # [H]
     embeddings: tuple[torch.Tensor, ...]   # Q-1 x [V, H]: codebooks 1..Q-1
     heads: tuple[torch.Tensor, ...]        # Q-1 x [V, H]
@@ -59,8 +43,14 @@ class PredictorWeights:
 
     @functools.cached_property
     def flat_layers(self) -> list[torch.Tensor]:
-        """The C++ op's layout: each layer's 11 tensors in PredictorLayer order, layer after layer."""
-        return [t for layer in self.layers for t in layer]
+        """The C++ op's layout: each layer's attention and dense MLP (its first 11 entries), layer after layer."""
+        return [t for layer in self.layers for t in layer[:11]]
+
+    @functools.cached_property
+    def decoder(self) -> DecoderWeights:
+        """The same layers as a decoder without a head (for the reference's layer steps)."""
+        return DecoderWeights(self.layers, self.final_norm, self.heads[0], self.num_heads, self.num_kv_heads, 0,
+                              False, self.eps)
 
 
 def code_predictor_frame_ref(prefix: torch.Tensor, w: PredictorWeights, temperature: float = 0.0, top_k: int = 0,
@@ -71,18 +61,9 @@ def code_predictor_frame_ref(prefix: torch.Tensor, w: PredictorWeights, temperat
     x, first, codes, embeds = prefix[None], 0, [], [prefix[1:]]
     for group, (embedding, head) in enumerate(zip(w.embeddings, w.heads)):
         t = x.shape[1]
-        positions = torch.arange(first, first + t, device=prefix.device)
-        cos, sin = w.cos[positions][None], w.sin[positions][None]                           # [1, t, D]
+        cos, sin = w.cos[first:first + t][None], w.sin[first:first + t][None]                # [1, t, D]
         for layer, cache in zip(w.layers, caches):
-            h = rms_norm_ref(x, layer.input_norm, w.eps)
-            q = F.linear(h, layer.q_proj).view(1, t, w.num_heads, head_dim)
-            k = F.linear(h, layer.k_proj).view(1, t, w.num_kv_heads, head_dim)
-            v = F.linear(h, layer.v_proj).view(1, t, w.num_kv_heads, head_dim)
-            q = qk_norm_rope_ref(q, k, v, layer.q_norm, layer.k_norm, w.eps, cos, sin, cache[0], cache[1], positions)
-            out = attention_ref(q, cache[0][:, :, :first + t], cache[1][:, :, :first + t], head_dim**-0.5)
-            x = x + F.linear(out.transpose(1, 2).reshape(1, t, -1), layer.o_proj)
-            h = rms_norm_ref(x, layer.post_norm, w.eps)
-            x = x + F.linear(F.silu(F.linear(h, layer.gate_proj)) * F.linear(h, layer.up_proj), layer.down_proj)
+            x = decoder_layer_ref(x, layer, w.decoder, cache[0], cache[1], first, cos, sin)
         logits = F.linear(rms_norm_ref(x, w.final_norm, w.eps), head)[:, -1].float()         # [1, V]
         codes.append(sample_ref(logits, temperature, top_k, top_p, generator))
         x = F.embedding(codes[-1].view(1, 1), embedding)                                      # [1, 1, H]
@@ -91,16 +72,10 @@ def code_predictor_frame_ref(prefix: torch.Tensor, w: PredictorWeights, temperat
     return torch.cat(codes), torch.cat(embeds).sum(0)
 
 
-def _cpp_runs(device: torch.device) -> bool:
-    return device.type == "cpu" and has_op("code_predictor_frame")
+REGISTRY.register("code_predictor_frame", "torch", everywhere)(code_predictor_frame_ref)
 
 
-@REGISTRY.register("code_predictor_frame", "torch", everywhere)
-def _frame_torch(prefix, w, temperature, top_k, top_p, generator):
-    return code_predictor_frame_ref(prefix, w, temperature, top_k, top_p, generator)
-
-
-@REGISTRY.register("code_predictor_frame", "cpp", _cpp_runs)
+@REGISTRY.register("code_predictor_frame", "cpp", cpu_runs("code_predictor_frame"))
 def _frame_cpp(prefix, w, temperature, top_k, top_p, generator):
     if prefix.dtype != torch.float32 or w.heads[0].dtype != torch.float32:
         return code_predictor_frame_ref(prefix, w, temperature, top_k, top_p, generator)

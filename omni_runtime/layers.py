@@ -115,3 +115,21 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step_weights(self) -> ok.DecoderLayerWeights:
+        """This layer's weights as the one-call decode step (``ok.decoder_step``) takes them: views, no copies."""
+        attn, mlp = self.self_attn, self.mlp
+        weights = ok.DecoderLayerWeights(
+            self.input_layernorm.weight, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+            attn.o_proj.weight, attn.q_norm.weight, attn.k_norm.weight, self.post_attention_layernorm.weight)
+        if isinstance(mlp, DenseMLP):
+            return weights._replace(gate_proj=mlp.gate_proj.weight, up_proj=mlp.up_proj.weight,
+                                    down_proj=mlp.down_proj.weight)
+        weights = weights._replace(router=mlp.gate.weight, experts_gate_up=mlp.experts.gate_up_proj,
+                                   experts_down=mlp.experts.down_proj)
+        if hasattr(mlp, "shared_expert"):
+            shared = mlp.shared_expert
+            weights = weights._replace(shared_gate_proj=shared.gate_proj.weight, shared_up_proj=shared.up_proj.weight,
+                                       shared_down_proj=shared.down_proj.weight,
+                                       shared_expert_gate=mlp.shared_expert_gate.weight)
+        return weights

@@ -32,7 +32,7 @@ def random_weights(hidden, heads, kv_heads, head_dim, inter, vocab, layers, grou
         w = 1 + 0.2 * torch.randn(2 * n if transposed else n, generator=g)
         return (w[::2] if transposed else w).to(dtype)
 
-    stack = tuple(ok.PredictorLayer(norm(hidden), matrix(heads * head_dim, hidden), matrix(kv_heads * head_dim, hidden),
+    stack = tuple(ok.DecoderLayerWeights(norm(hidden), matrix(heads * head_dim, hidden), matrix(kv_heads * head_dim, hidden),
                                     matrix(kv_heads * head_dim, hidden), matrix(hidden, heads * head_dim),
                                     norm(head_dim), norm(head_dim), norm(hidden), matrix(inter, hidden),
                                     matrix(inter, hidden), matrix(hidden, inter)) for _ in range(layers))

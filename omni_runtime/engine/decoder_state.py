@@ -11,7 +11,7 @@ import torch
 import omni_kernels as ok
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.kv_cache import StaticKVCache
-from omni_runtime.layers import StepContext
+from omni_runtime.layers import DecoderLayer, StepContext
 
 
 class DecoderState:
@@ -38,3 +38,22 @@ class DecoderState:
         cos, sin = ok.mrope_cos_sin_ref(positions, self.inv_freq, self.mrope_section, self.dtype)
         self.next_position = positions[..., -1:] + 1
         return StepContext(cos, sin, slots, self.cache.length)
+
+    def step_in_one_call(self, x: torch.Tensor, weights: ok.DecoderWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step through ``ok.decoder_step`` (the C++ twin on a CPU): x [1, H] ->
+        (post-norm hidden [1, H], logits fp32 [1, V])."""
+        ctx = self.next_context()
+        return ok.decoder_step(x, weights, self.cache.kv, ctx.kv_len - 1, ctx.cos.view(-1), ctx.sin.view(-1))
+
+    def one_call_weights(self, layers: list[DecoderLayer], norm: torch.Tensor,
+                         head: torch.Tensor) -> ok.DecoderWeights | None:
+        """The weights ``step_in_one_call`` takes, where its C++ twin applies (fp32 on a CPU, batch 1); else None."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or self.cache.kv.shape[2] != 1:
+            return None
+        cfg = self.cfg
+        return ok.DecoderWeights(tuple(layer.step_weights() for layer in layers), norm, head,
+                                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts_per_tok,
+                                 cfg.norm_topk_prob, cfg.rms_norm_eps)
+
+    def steps_in_one_call(self, weights: ok.DecoderWeights | None) -> bool:
+        return weights is not None and ok.selected_backend("decoder_step", self.device) == "cpp"

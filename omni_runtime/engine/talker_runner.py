@@ -3,7 +3,8 @@
 One talker step turns the previous frame into the next codebook-0 code; the code predictor then fills codebooks
 1..15 of that frame with 15 dependent steps over a cache it rewrites each frame (2-token prefill + 14 decodes), so
 its state never grows. Its 15 step contexts (rotary rows, slots, lengths) are the same every frame: built once.
-On a GPU a frame replays a CUDA graph; on a CPU (fp32) it is one call of the C++ twin ``ok.code_predictor_frame``.
+On a GPU a frame and a talker step replay CUDA graphs; on a CPU (fp32) each is one call of its C++ twin
+(``ok.code_predictor_frame``, ``ok.decoder_step``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class TalkerRunner:
         self.sampled_predictor_graphs: dict[tuple, CodePredictorGraph] = {}
         self.seeded_for: Sampler | None = None
         self.decode_graph: DecodeStepGraph | None = None
+        self.step_weights = self.state.one_call_weights(talker.model.layers, talker.model.norm.weight,
+                                                        talker.codec_head.weight)
         if device.type == "cuda":
             self.use_decode_graph()
 
@@ -58,15 +61,11 @@ class TalkerRunner:
         model, cfg = self.talker.code_predictor.model, self.cfg.code_predictor
         if not all(isinstance(layer.mlp, DenseMLP) for layer in model.layers):
             return None
-        layers = tuple(ok.PredictorLayer(
-            layer.input_layernorm.weight, layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-            layer.self_attn.v_proj.weight, layer.self_attn.o_proj.weight, layer.self_attn.q_norm.weight,
-            layer.self_attn.k_norm.weight, layer.post_attention_layernorm.weight, layer.mlp.gate_proj.weight,
-            layer.mlp.up_proj.weight, layer.mlp.down_proj.weight) for layer in model.layers)
         # the step contexts' own rotary rows, so both paths rotate with the same bits
         cos = torch.cat([ctx.cos[0] for ctx in self.predictor_contexts])                    # [Q, D]
         sin = torch.cat([ctx.sin[0] for ctx in self.predictor_contexts])
-        return ok.PredictorWeights(layers, model.norm.weight, tuple(e.weight for e in model.codec_embedding),
+        return ok.PredictorWeights(tuple(layer.step_weights() for layer in model.layers), model.norm.weight,
+                                   tuple(e.weight for e in model.codec_embedding),
                                    tuple(h.weight for h in self.talker.code_predictor.lm_head), cos, sin,
                                    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps)
 
@@ -85,6 +84,9 @@ class TalkerRunner:
         """embeds: [1, 1, H] -> (codec logits fp32 [1, V], post-norm hidden [1, 1, H])."""
         if self.decode_graph is not None:
             return self.decode_graph(embeds)
+        if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin of the step
+            hidden, logits = self.state.step_in_one_call(embeds.view(1, -1), self.step_weights)
+            return logits, hidden.view(1, 1, -1)
         return self._decode_step(embeds, self.state.next_context())
 
     @torch.inference_mode()

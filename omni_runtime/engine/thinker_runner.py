@@ -1,4 +1,7 @@
-"""The thinker's runner: owns its KV cache and rotary state, runs prefill and decode steps."""
+"""The thinker's runner: owns its KV cache and rotary state, runs prefill and decode steps.
+
+A decode step replays a CUDA graph on a GPU; on a CPU (fp32) it is one call of the C++ twin ``ok.decoder_step``.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,6 +18,8 @@ class ThinkerRunner:
         self.thinker = thinker
         self.state = DecoderState(cfg, max_len, device, dtype)
         self.decode_graph: DecodeStepGraph | None = None
+        self.step_weights = self.state.one_call_weights(thinker.model.layers, thinker.model.norm.weight,
+                                                        thinker.lm_head.weight)
         if device.type == "cuda":
             self.use_decode_graph()
 
@@ -44,4 +49,6 @@ class ThinkerRunner:
         """token_ids: [1, 1] -> logits [1, V] of the next token."""
         if self.decode_graph is not None:
             return self.decode_graph(token_ids)
+        if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin of the step
+            return self.state.step_in_one_call(self.embed(token_ids).view(1, -1), self.step_weights)[1]
         return self.thinker(self.embed(token_ids), self.state.next_context(), self.state.cache)[0]
