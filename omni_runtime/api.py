@@ -9,6 +9,7 @@ import torch
 
 from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
+from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
@@ -57,6 +58,10 @@ class OmniModel:
         if talker is not None:
             talker_len = min(config.talker.text.max_position_embeddings, max_seq_len + DEFAULT_TALKER_MAX_NEW_TOKENS)
             self.talker_runner = TalkerRunner(talker, config.talker, talker_len, device, dtype)
+        # On a GPU one static stream, its pushes after each stream's first replaying CUDA graphs; on a CPU a fresh
+        # exact stream per answer.
+        self.code2wav_runner = Code2WavRunner(self.code2wav) if self.code2wav is not None and \
+            device.type == "cuda" else None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -107,8 +112,9 @@ class OmniModel:
     def decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None
 
-    def code2wav_stream(self) -> Code2WavStream:
-        return Code2WavStream(self.code2wav)
+    def code2wav_stream(self) -> Code2WavStream | Code2WavRunner:
+        """A new Code2Wav stream (``push``/``flush``); on a GPU the runner's, restarted."""
+        return self.code2wav_runner.start() if self.code2wav_runner is not None else Code2WavStream(self.code2wav)
 
     def generate(
         self,

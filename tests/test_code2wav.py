@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream, load_code2wav
 
 FRAMES = [1, 5, 23, 40, 80]          # 80 > the 72-frame window: the reference switches to a sliding-window mask
@@ -184,3 +185,59 @@ def test_bad_codes_are_rejected(models):
     stream.push(codes)
     with pytest.raises(ValueError, match="batch of 1"):
         stream.push(random_codes(2, 1))
+
+
+# --- the static stream (what a CUDA graph replays) ----------------------------------------------------------------
+
+def runner_decode(runner, codes: torch.Tensor, chunks) -> torch.Tensor:
+    stream, pieces, start = runner.start(), [], 0
+    for n in chunks:
+        pieces.append(stream.push(codes[..., start:start + n]))
+        start += n
+    return torch.cat([*pieces, stream.flush()], dim=-1)
+
+
+@pytest.mark.parametrize("chunks", [(1, 4, 4, 25, 56), (1,) * 10 + (80,), (3,) * 30], ids=["1-4-4-25-56", "ones-80",
+                                                                                        "threes"])
+def test_static_stream_equals_exact_stream(models, chunks):
+    # Past the 72-frame window too: the fixed window - 1 frame key buffer, masked while it fills, gives the exact
+    # stream's samples up to float rounding.
+    model, _ = models[torch.float32]
+    codes = random_codes(1, 90, seed=700)
+    exact, _ = stream_decode(model, codes, chunks)
+    static = runner_decode(Code2WavRunner(model, capture=False), codes, chunks)
+    torch.testing.assert_close(static, exact, atol=1e-5, rtol=0)
+
+
+def test_runner_reuses_its_buffers_across_streams(models):
+    # Captured graphs hold addresses: a second answer must run in the first one's buffers, from a clean start.
+    model, _ = models[torch.float32]
+    runner = Code2WavRunner(model, capture=False)
+    first, second = random_codes(1, 13, seed=701), random_codes(1, 9, seed=702)
+    runner_decode(runner, first, (1, 4, 4, 4))
+    addresses = [t.data_ptr() for t in runner.stream.state.tensors()]
+    graphs = set(runner.graphs)
+    again = runner_decode(runner, second, (1, 4, 4))
+    assert [t.data_ptr() for t in runner.stream.state.tensors()] == addresses and set(runner.graphs) == graphs
+    expected, _ = stream_decode(model, second, (1, 4, 4))
+    torch.testing.assert_close(again, expected, atol=1e-5, rtol=0)
+    stream = runner.start()
+    stream.push(random_codes(1, 1))
+    with pytest.raises(ValueError, match="batch of 1"):
+        stream.push(random_codes(2, 1))
+
+
+@pytest.mark.gpu
+def test_code2wav_chunk_graph_replays_like_eager(reference_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    folder, _ = reference_checkpoint()
+    model = load_code2wav(folder, device="cuda")
+    codes = random_codes(1, 40, seed=703).cuda()
+    chunks = (1,) + (4,) * 9 + (3,)
+    graphed_runner = Code2WavRunner(model)
+    graphed = [runner_decode(graphed_runner, codes, chunks) for _ in range(2)]   # the second answer replays
+    assert graphed_runner.graphs and all(g.graph is not None for g in graphed_runner.graphs.values())
+    eager = runner_decode(Code2WavRunner(model, capture=False), codes, chunks)
+    for wav in graphed:
+        torch.testing.assert_close(wav, eager, atol=1e-5, rtol=0)

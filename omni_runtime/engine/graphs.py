@@ -144,3 +144,54 @@ class DecodeStepGraph:
         except Exception as e:
             warnings.warn(f"decode-step CUDA-graph capture failed, running eagerly: {e}", stacklevel=3)
             self.capture, self.graph, self.outputs = False, None, None
+
+
+class Code2WavChunkGraph:
+    """One push of a static Code2Wav stream (``Code2WavStream(static=True)``) for a fixed chunk shape, captured once
+    and replayed for every later push of that shape: ~300 small kernels (8 transformer layers, ~40 convs) in one
+    launch. The graph reads and writes the stream's carried buffers in place; warm-up and capture leave them as they
+    were. ``capture=False`` (or a failed capture) runs the same push eagerly."""
+
+    def __init__(self, stream, codes_like: torch.Tensor, capture: bool = True, warmup: int = 2):
+        self.stream, self.warmup = stream, warmup
+        self.codes = torch.zeros_like(codes_like)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+        self.capture = capture and codes_like.device.type == "cuda"
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: checked [B, Q, n] -> the push's samples (the caller advances the stream)."""
+        if not self.capture:
+            return self.stream.decode_checked(codes)
+        self.codes.copy_(codes)
+        if self.graph is None:
+            self._capture()
+            if self.graph is None:
+                return self.stream.decode_checked(codes)
+        self.graph.replay()
+        return self.output.clone()
+
+    def _capture(self) -> None:
+        buffers = self.stream.state.tensors()
+        saved = [t.clone() for t in buffers]
+
+        def restore():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):   # warm up outside capture: Triton compiles, allocators settle
+                for _ in range(self.warmup):
+                    self.stream.decode_checked(self.codes)
+            torch.cuda.current_stream().wait_stream(side)
+            restore()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.output = self.stream.decode_checked(self.codes)
+            self.graph = graph
+        except Exception as e:
+            warnings.warn(f"Code2Wav chunk CUDA-graph capture failed, running eagerly: {e}", stacklevel=3)
+            self.capture, self.graph, self.output = False, None, None
+        restore()

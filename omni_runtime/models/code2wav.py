@@ -91,19 +91,43 @@ class Code2WavConfig:
 @dataclass
 class StreamState:
     """What a stream carries between pushes: the RoPE position of the next frame and, per stateful module, its
-    carried tensors (keys/values of the last window - 1 frames, conv left context, transposed-conv lookahead)."""
+    carried tensors (keys/values of the last window - 1 frames, conv left context, transposed-conv lookahead).
+
+    ``static``: every carried tensor keeps its shape and address from the first push on (keys/values sit in a
+    window - 1 frame buffer, the empty part masked; later pushes write into the same tensors, and the position is
+    read from ``position_tensor``), so a CUDA graph captured on one push replays the next ones."""
     position: int = 0
     batch: int | None = None
     carried: dict[nn.Module, object] = field(default_factory=dict)
+    static: bool = False
+    position_tensor: torch.Tensor | None = None   # static: [1] int64 on the model's device
+    fresh: bool = True                             # no push yet: modules see no carried state (buffers may be stale)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the stream carries (static mode: what a captured push reads and writes)."""
+        return [t for value in self.carried.values() for t in _as_tuple(value)] + \
+            ([self.position_tensor] if self.position_tensor is not None else [])
+
+
+def _as_tuple(value) -> tuple[torch.Tensor, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _carried(stream: StreamState | None, module: nn.Module):
-    return None if stream is None else stream.carried.get(module)
+    return None if stream is None or stream.fresh else stream.carried.get(module)
 
 
 def _carry(stream: StreamState | None, module: nn.Module, value) -> None:
-    if stream is not None:
+    if stream is None:
+        return
+    old = stream.carried.get(module)
+    if not stream.static or old is None:
         stream.carried[module] = value
+        return
+    for buffer, new in zip(_as_tuple(old), _as_tuple(value)):   # in place: a replayed graph writes these addresses
+        if buffer.shape != new.shape:
+            raise RuntimeError(f"static Code2Wav stream: carried {tuple(buffer.shape)} became {tuple(new.shape)}")
+        buffer.copy_(new)
 
 
 # --- convolutions -------------------------------------------------------------------------------------------------
@@ -193,6 +217,20 @@ class DecoderBlock(nn.Module):
 
 # --- pre-transformer ----------------------------------------------------------------------------------------------
 
+def static_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int,
+                            position: torch.Tensor) -> torch.Tensor:
+    """The static stream's attention. k/v: [B, nkv, window - 1 + Tq, D], a window - 1 frame buffer of earlier keys
+    (its last ``min(position, window - 1)`` frames real, the rest empty) then the Tq new ones; the same visibility
+    as ``sliding_window_attention`` on the real keys, with lengths from the device tensor ``position`` ([1])."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    query_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
+    key_pos = torch.arange(kv_len, device=q.device)[None, :]
+    first_real = (window - 1) - torch.clamp(position, max=window - 1)                    # [1]
+    mask = (key_pos <= query_pos) & (key_pos > query_pos - window) & (key_pos >= first_real)   # [Tq, Tk]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
 def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                              window: int) -> torch.Tensor:
     """q: [B, nh, Tq, D], the last Tq of the Tk positions of k/v: [B, nkv, Tk, D] -> [B, nh, Tq, D].
@@ -230,6 +268,14 @@ class SlidingWindowAttention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = ok.apply_rope_ref(q, cos, sin), ok.apply_rope_ref(k, cos, sin)
         past = _carried(stream, self)
+        if stream is not None and stream.static:
+            if past is None:   # the first push: an empty window
+                past = tuple(t.new_zeros(B, t.shape[1], self.window - 1, self.head_dim) for t in (k, v))
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # [B, nkv, W - 1 + T, D]
+            keep = k.shape[2] - (self.window - 1)
+            _carry(stream, self, (k[:, :, keep:].clone(), v[:, :, keep:].clone()))
+            out = static_window_attention(q, k, v, self.head_dim**-0.5, self.window, stream.position_tensor)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)  # [B, nkv, S + T, D]
         # the next frame's window reaches back window - 1 frames
@@ -270,12 +316,21 @@ class PreTransformer(nn.Module):
         self.head_dim, self.rope_theta = cfg.head_dim, cfg.rope_theta
         self.layers = nn.ModuleList(TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        # made once per device: no host-to-device copy inside a captured push
+        if device not in self._inv_freq:
+            self._inv_freq[device] = ok.rope_inv_freq(self.head_dim, self.rope_theta).to(device)
+        return self._inv_freq[device]
 
     def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
-        start = 0 if stream is None else stream.position
-        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]    # [1, T]
-        inv_freq = ok.rope_inv_freq(self.head_dim, self.rope_theta)
-        cos, sin = ok.mrope_cos_sin_ref(positions, inv_freq, None, x.dtype)           # [1, T, D]
+        if stream is not None and stream.static:   # the position from the device: one graph for every push
+            positions = stream.position_tensor + torch.arange(x.shape[1], device=x.device)[None]   # [1, T]
+        else:
+            start = 0 if stream is None else stream.position
+            positions = torch.arange(start, start + x.shape[1], device=x.device)[None]
+        cos, sin = ok.mrope_cos_sin_ref(positions, self.inv_freq(x.device), None, x.dtype)   # [1, T, D]
         for layer in self.layers:
             x = layer(x, cos, sin, stream)                                             # [B, T, H]
         return self.norm(x)
@@ -355,9 +410,18 @@ class Code2WavStream:
     that starts elsewhere), which round differently. State is bounded: ``window - 1`` frames of keys/values per
     layer plus a few samples per conv, never the history."""
 
-    def __init__(self, model: Code2Wav):
-        self.model = model
-        self.state = StreamState()
+    def __init__(self, model: Code2Wav, static: bool = False):
+        """``static``: carried tensors keep their shapes and addresses (see ``StreamState``); a CUDA graph of one
+        push replays the next ones (engine/graphs.py). Attention then runs over a masked fixed-size window, which
+        rounds differently from the exact slices (within float rounding of the exact stream)."""
+        self.model, self.static = model, static
+        self.state = self._new_state()
+
+    def _new_state(self) -> StreamState:
+        if not self.static:
+            return StreamState()
+        device = self.model.code_embedding.weight.device
+        return StreamState(static=True, position_tensor=torch.zeros(1, dtype=torch.int64, device=device))
 
     @property
     def frames(self) -> int:
@@ -366,14 +430,37 @@ class Code2WavStream:
     @torch.inference_mode()
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, Q, n] the next n frames -> fp32 [B, 1, samples]: 1920 n, less 555 on the first push."""
+        self.check(codes)
+        wav = self.decode_checked(codes)
+        self.advance(codes.shape[-1])
+        return wav
+
+    def check(self, codes: torch.Tensor) -> None:
+        """Refuses codes this push cannot take (bad shape or ids, another batch size than the stream's)."""
         self.model.check_codes(codes)
         if self.state.batch not in (None, codes.shape[0]):
             raise ValueError(f"Code2WavStream: this stream decodes a batch of {self.state.batch}, got "
                              f"{codes.shape[0]} rows")
         self.state.batch = codes.shape[0]
-        wav = self.model.decode(codes, self.state)
-        self.state.position += codes.shape[-1]
-        return wav
+
+    def decode_checked(self, codes: torch.Tensor) -> torch.Tensor:
+        """The push's work on checked codes, without advancing the position (what a CUDA graph captures)."""
+        return self.model.decode(codes, self.state)
+
+    def advance(self, frames: int) -> None:
+        self.state.position += frames
+        self.state.fresh = False
+        if self.state.position_tensor is not None:
+            self.state.position_tensor.fill_(self.state.position)
+
+    def reset(self) -> None:
+        """Start a new stream. A static stream keeps its buffers (their addresses, which captured graphs hold); the
+        first push overwrites them."""
+        if not self.static:
+            self.state = StreamState()
+            return
+        self.state.position, self.state.batch, self.state.fresh = 0, None, True
+        self.state.position_tensor.zero_()
 
     def flush(self) -> torch.Tensor:
         """End the stream and reset it. Returns the samples still held back: none, because the last 555 samples of
@@ -381,7 +468,7 @@ class Code2WavStream:
         (B = 1 when nothing was pushed)."""
         batch = self.state.batch or 1
         device = self.model.code_embedding.weight.device
-        self.state = StreamState()
+        self.reset()
         return torch.zeros(batch, 1, 0, device=device)
 
 

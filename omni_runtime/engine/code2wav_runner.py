@@ -1,0 +1,45 @@
+"""Code2Wav's runner: one static stream whose carried buffers live as long as the model, and a CUDA graph per
+chunk shape that replays every push after a stream's first (the first has its own shapes: no carried state yet).
+
+Like the thinker's and talker's runners it serves one request at a time; ``start()`` begins the next stream in the
+same buffers, so graphs captured for one request replay for the next.
+"""
+from __future__ import annotations
+
+import torch
+
+from omni_runtime.engine.graphs import Code2WavChunkGraph
+from omni_runtime.models.code2wav import Code2Wav, Code2WavStream
+
+
+class Code2WavRunner:
+    def __init__(self, model: Code2Wav, capture: bool = True):
+        self.stream = Code2WavStream(model, static=True)
+        self.capture = capture
+        self.graphs: dict[tuple[int, ...], Code2WavChunkGraph] = {}
+
+    @property
+    def frames(self) -> int:
+        return self.stream.frames
+
+    def start(self) -> Code2WavRunner:
+        self.stream.reset()
+        return self
+
+    @torch.inference_mode()
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes: [B, Q, n] the next n frames -> fp32 [B, 1, samples], as ``Code2WavStream.push``."""
+        stream = self.stream
+        stream.check(codes)
+        if stream.state.fresh:
+            wav = stream.decode_checked(codes)
+        else:
+            key = tuple(codes.shape)
+            if key not in self.graphs:
+                self.graphs[key] = Code2WavChunkGraph(stream, codes, self.capture)
+            wav = self.graphs[key](codes)
+        stream.advance(codes.shape[-1])
+        return wav
+
+    def flush(self) -> torch.Tensor:
+        return self.stream.flush()
