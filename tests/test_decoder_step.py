@@ -75,15 +75,16 @@ def run(backend, *args):
 
 @needs_twin
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("slot", [0, 6, 16])
+@pytest.mark.parametrize("slot, slots", [(0, 17), (6, 17), (16, 17), (127, 130), (200, 257)])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_step_matches_reference(case, slot, strided):
+def test_step_matches_reference(case, slot, slots, strided):
+    # slots >= 128: the twin's long-context attention (its products through at::mm)
     hidden, heads, kv_heads, head_dim, vocab, *_ = CASES[case]
     weights = random_weights(*CASES[case], transposed=strided)
     x = torch.randn(1, 2 * hidden if strided else hidden, generator=torch.Generator().manual_seed(slot))
     x = x[:, ::2] if strided else x
     cos, sin = rope_row(slot + 3, head_dim)
-    cache = filled_cache(weights, kv_heads, head_dim, 17)
+    cache = filled_cache(weights, kv_heads, head_dim, slots)
     ref_cache = cache.clone()
     h, logits = run("cpp", x, weights, cache, slot, cos, sin)
     ref_h, ref_logits = ok.decoder_step_ref(x, weights, ref_cache, slot, cos, sin)
@@ -93,7 +94,7 @@ def test_step_matches_reference(case, slot, strided):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
     torch.testing.assert_close(cache, ref_cache, rtol=1e-5, atol=1e-6)
-    untouched = torch.ones(17, dtype=torch.bool)
+    untouched = torch.ones(slots, dtype=torch.bool)
     untouched[slot] = False
     assert torch.equal(cache[..., untouched, :], ref_cache[..., untouched, :])
 

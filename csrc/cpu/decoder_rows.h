@@ -8,6 +8,7 @@
 
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 
@@ -62,6 +63,33 @@ struct AttentionShape {
   int64_t heads, kv_heads, head_dim, slots;  // slots: the cache's length axis (its stride in positions)
 };
 
+// From this many cached keys on, a decode step's attention runs its two products through at::mm.
+constexpr int64_t kLongContext = 128;
+
+// One query row per head (q [1, heads * D], rotated) over `keys` cached slots: per KV head, the scores of its query
+// group [group, keys] = Q K^T, a softmax per row, and P V [group, D] into attn [1, heads * D].
+inline void attend_long(const at::Tensor& q, float* k_cache, float* v_cache, const AttentionShape& s, int64_t keys,
+                        float scale, at::Tensor& attn) {
+  const int64_t group = s.heads / s.kv_heads, d = s.head_dim;
+  const auto options = q.options();
+  for (int64_t hk = 0; hk < s.kv_heads; ++hk) {
+    const at::Tensor k = at::from_blob(k_cache + hk * s.slots * d, {keys, d}, options);
+    const at::Tensor v = at::from_blob(v_cache + hk * s.slots * d, {keys, d}, options);
+    at::Tensor scores = at::mm(q.view({s.heads, d}).narrow(0, hk * group, group), k.t());   // [group, keys]
+    float* rows = scores.data_ptr<float>();
+    for (int64_t r = 0; r < group; ++r) {
+      float* row = rows + r * keys;
+      float best = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < keys; ++j) best = std::max(best, row[j] *= scale);
+      float total = 0.f;
+      for (int64_t j = 0; j < keys; ++j) total += (row[j] = std::exp(row[j] - best));
+      for (int64_t j = 0; j < keys; ++j) row[j] /= total;
+    }
+    at::Tensor out = attn.view({s.heads, d}).narrow(0, hk * group, group);
+    at::mm_out(out, scores, v);
+  }
+}
+
 // The attention half of a layer, the weights in checkpoint order (norms contiguous).
 struct AttentionWeights {
   at::Tensor input_norm, q, k, v, o, q_norm, k_norm;
@@ -90,6 +118,11 @@ inline void attention_block(at::Tensor& x, const AttentionWeights& w, float* k_c
     }
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  if (t == 1 && first + 1 >= kLongContext) {   // a long cache: scores and the weighted sum as GEMMs per KV head
+    attend_long(q, k_cache, v_cache, s, first + 1, scale, attn);
+    x.add_(project(attn, w.o));
+    return;
+  }
   for (int64_t i = 0; i < t; ++i) {
     const int64_t keys = first + i + 1;
     for (int64_t hq = 0; hq < s.heads; ++hq) {
