@@ -12,6 +12,7 @@ from omni_runtime.config import OmniConfig
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
+from omni_runtime.layers import fuse_projections
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
 from omni_runtime.models.audio_encoder import AudioEncoder, AudioEncoderConfig
 from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream
@@ -53,6 +54,10 @@ class OmniModel:
         self.thinker, self.talker, self.code2wav = thinker, talker, modules.get("code2wav")
         self.audio_encoder, self.vision_encoder = modules.get("audio_encoder"), modules.get("vision_encoder")
         self.tokenizer, self.image_kwargs = modules.get("tokenizer"), modules.get("image_kwargs")
+        if device.type == "cuda":   # one GEMM for q/k/v and one for gate/up: fewer decode kernels (CPU: exact GEMMs)
+            for decoder in (thinker, talker):
+                if decoder is not None:
+                    fuse_projections(decoder)
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
         self.talker_runner = None
         if talker is not None:

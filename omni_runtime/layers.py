@@ -47,12 +47,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None   # fuse_projections(): [(Hq + 2 Hkv) D, H]
+
+    def fuse_projections(self) -> None:
+        """One GEMM for q, k and v (GPU decode: two kernels fewer a layer); the three weights become views of the
+        fused one, so the loader's names and the CPU paths' separate GEMMs still see them."""
+        self.qkv_weight = _fuse(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)                           # [B, T, Hq, D]
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)                           # [B, T, Hkv, D]
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+            q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))        # strided views of one GEMM
+        else:
+            q = self.q_proj(x).view(B, T, -1, self.head_dim)                       # [B, T, Hq, D]
+            k = self.k_proj(x).view(B, T, -1, self.head_dim)                       # [B, T, Hkv, D]
+            v = self.v_proj(x).view(B, T, -1, self.head_dim)
         k_cache, v_cache = cache                                                   # [B, Hkv, S_max, D]
         q = ok.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.eps, ctx.cos, ctx.sin,
                             k_cache, v_cache, ctx.cache_positions)                 # [B, Hq, T, D]
@@ -76,9 +87,34 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None   # fuse_projections(): [2I, H]
+
+    def fuse_projections(self) -> None:
+        """One GEMM for gate and up, then ``silu_mul``: three kernels fewer per MLP (see Attention's)."""
+        self.gate_up_weight = _fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            return self.down_proj(ok.silu_mul(F.linear(x, self.gate_up_weight)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _fuse(*projections: nn.Linear) -> torch.Tensor:
+    """Concatenates bias-free projections' weights along the output rows and re-points each weight at its rows."""
+    fused = torch.cat([p.weight.detach() for p in projections])
+    start = 0
+    for p in projections:
+        rows = p.weight.shape[0]
+        p.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fused q/k/v and gate/up GEMMs in every decoder attention and dense MLP of ``model`` (the GPU runtime's)."""
+    for module in model.modules():
+        if isinstance(module, (Attention, DenseMLP)):
+            module.fuse_projections()
 
 
 class SparseMoeBlock(nn.Module):

@@ -1,0 +1,33 @@
+"""Fused q/k/v and gate/up projections (the GPU runtime's) against the separate ones, run on CPU."""
+import torch
+
+import omni_kernels as ok
+from omni_runtime import OmniModel, SamplingParams
+from omni_runtime.layers import fuse_projections
+
+
+def test_fused_projections_keep_the_weights_and_the_answer(reference_checkpoint):
+    from test_speech import GREEDY_TALKER
+    from test_thinker_parity import IM_END, chat_prompt, teacher_forced_logits
+
+    folder, _ = reference_checkpoint()
+    separate, fused = OmniModel.from_pretrained(folder), OmniModel.from_pretrained(folder)
+    before = {name: p.clone() for name, p in fused.talker.state_dict().items()}
+    fuse_projections(fused.thinker)
+    fuse_projections(fused.talker)
+    attn, mlp = fused.talker.code_predictor.model.layers[0].self_attn, fused.talker.code_predictor.model.layers[0].mlp
+    assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()            # views of the fused weight
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.out_features:].data_ptr()
+    after = fused.talker.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+    prompt = chat_prompt(0)
+    # the module paths, not the CPU twins (they hold the weights as they were at load)
+    with ok.use_backend("torch", op="decoder_step"), ok.use_backend("torch", op="code_predictor_frame"):
+        outs = [m.generate(prompt, max_new_tokens=6, eos_token_id=IM_END, return_audio=True, speaker="ethan",
+                           talker_max_new_tokens=12, thinker_sampling=SamplingParams(temperature=0.0),
+                           talker_sampling=GREEDY_TALKER) for m in (separate, fused)]
+        logits = [teacher_forced_logits(m, prompt, outs[0].text_ids) for m in (separate, fused)]
+    assert outs[0].text_ids == outs[1].text_ids and torch.equal(outs[0].codes, outs[1].codes)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1].audio, outs[0].audio, atol=1e-5, rtol=0)

@@ -1,0 +1,49 @@
+"""silu_mul: the Triton kernel (the interpreter on CPU) against the reference, and the reference against F.silu."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import omni_kernels as ok
+from omni_kernels._triton import HAS_TRITON, INTERPRET, triton_runs
+from omni_kernels.silu_mul import silu_mul_ref, silu_mul_triton
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32: exp implementations differ by an ulp; bf16/fp16: one rounding of the output (the interpreter truncates)
+TOLERANCES = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (1e-2, 1.6e-2), torch.float16: (1e-3, 2e-3)}
+needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs(DEVICE)), reason="needs triton")
+
+
+def test_reference_is_silu_of_gate_times_up():
+    x = torch.randn(3, 10, dtype=torch.float64)
+    torch.testing.assert_close(silu_mul_ref(x), x[:, :5] * torch.sigmoid(x[:, :5]) * x[:, 5:])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("rows, inter", [(1, 1), (7, 7), (129, 48), (2, 768), (1, 1025)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_triton_matches_reference(dtype, rows, inter, strided):
+    x = 3 * torch.randn(rows, 2 * inter + (5 if strided else 0), generator=torch.Generator().manual_seed(rows))
+    x = (x[:, 5:] if strided else x).to(DEVICE, dtype)                       # strided: a row stride past 2I
+    out = silu_mul_triton(x)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, silu_mul_ref(x), atol=atol, rtol=rtol)
+    assert out.shape == (rows, inter) and out.dtype == dtype
+
+
+@needs_triton
+def test_triton_keeps_leading_dims_and_dispatches():
+    x = torch.randn(2, 3, 2 * 33).to(DEVICE)
+    with ok.use_backend("triton", op="silu_mul"):
+        out = ok.silu_mul(x)
+    torch.testing.assert_close(out, F.silu(x[..., :33]) * x[..., 33:], atol=1e-6, rtol=1e-6)
+    assert out.shape == (2, 3, 33)
+    assert ok.selected_backend("silu_mul", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert silu_mul_triton(x[:, :0]).shape == (2, 0, 33)
+
+
+def test_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="gate and up halves"):
+        ok.silu_mul(torch.randn(2, 7))
+    if INTERPRET or DEVICE.type == "cuda":
+        assert silu_mul_triton(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64   # reference dtype
