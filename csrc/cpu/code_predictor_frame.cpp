@@ -6,10 +6,10 @@
 // pieces of decoder_rows.h over a frame-local cache; sampled steps call the same ATen ops, in the same order, as
 // omni_kernels.sampling.sample_ref. fp32 only: other dtypes take the Python frame.
 //
-// Layout: prefix [2, H] (talker hidden state, codebook-0 embedding); 11 weights per layer (the first 11 of
-// DecoderLayerWeights: attention, dense MLP);
-// embeddings/heads: Q-1 tables [V, H]; cos/sin [Q, D] for positions 0..Q-1. Writes codes [Q-1] (int64) and the sum
-// of the frame's Q code embeddings [H] (the talker's next input before text conditioning).
+// Layout: prefix [2, H] (talker hidden state, codebook-0 embedding); 11 weights per layer (DecoderLayerWeights'
+// first 11: attention, dense MLP); embeddings/heads: Q-1 tables [V, H]; cos/sin [Q, D] for positions 0..Q-1.
+// Writes codes [Q-1] (int64) and the sum of the frame's Q code embeddings [H] (the talker's next input before text
+// conditioning).
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/multinomial.h>

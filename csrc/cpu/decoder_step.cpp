@@ -98,10 +98,9 @@ void check_layer(at::ArrayRef<std::optional<at::Tensor>> w, int64_t l, int64_t h
 }  // namespace
 
 void decoder_step(at::Tensor const& x, c10::List<std::optional<at::Tensor>> const& layer_list,
-                  at::Tensor const& final_norm,
-                  at::Tensor const& head, at::Tensor& kv_cache, int64_t slot, at::Tensor const& cos,
-                  at::Tensor const& sin, int64_t num_heads, int64_t num_kv_heads, int64_t top_k, bool renormalize,
-                  double eps, at::Tensor& hidden_out, at::Tensor& logits_out) {
+                  at::Tensor const& final_norm, at::Tensor const& head, at::Tensor& kv_cache, int64_t slot,
+                  at::Tensor const& cos, at::Tensor const& sin, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t top_k, bool renormalize, double eps, at::Tensor& hidden_out, at::Tensor& logits_out) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, kOp, ": x must be [1, hidden], got ", x.sizes());
   const std::vector<std::optional<at::Tensor>> layer_vec(layer_list.begin(), layer_list.end());
   const at::ArrayRef<std::optional<at::Tensor>> layers(layer_vec);

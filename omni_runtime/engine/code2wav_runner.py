@@ -1,5 +1,6 @@
 """Code2Wav's runner: one static stream whose carried buffers live as long as the model, and a CUDA graph per
-chunk shape that replays every push after a stream's first (the first has its own shapes: no carried state yet).
+(chunk shape, first push of an answer or not) that replays every push once the buffers exist: from the second push
+of the first answer on, and for every push of later answers, the first audio packet's included.
 
 Like the thinker's and talker's runners it serves one request at a time; ``start()`` begins the next stream in the
 same buffers, so graphs captured for one request replay for the next.
@@ -16,7 +17,7 @@ class Code2WavRunner:
     def __init__(self, model: Code2Wav, capture: bool = True):
         self.stream = Code2WavStream(model, static=True)
         self.capture = capture
-        self.graphs: dict[tuple[int, ...], Code2WavChunkGraph] = {}
+        self.graphs: dict[tuple, Code2WavChunkGraph] = {}   # keyed (B, Q, n, an answer's first push)
 
     @property
     def frames(self) -> int:
@@ -31,10 +32,10 @@ class Code2WavRunner:
         """codes: [B, Q, n] the next n frames -> fp32 [B, 1, samples], as ``Code2WavStream.push``."""
         stream = self.stream
         stream.check(codes)
-        if stream.state.fresh:
+        if not stream.state.carried:   # the very first push makes the buffers
             wav = stream.decode_checked(codes)
         else:
-            key = tuple(codes.shape)
+            key = (*codes.shape, stream.state.fresh)
             if key not in self.graphs:
                 self.graphs[key] = Code2WavChunkGraph(stream, codes, self.capture)
             wav = self.graphs[key](codes)
