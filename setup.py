@@ -90,7 +90,8 @@ def _extension():
                             "nvcc": [*optimise_and_abi, *system_includes, "-DOMNI_WITH_CUDA"]},
         **common,
     )
-    return ([ext], cmdclass), f"CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} and the CPU twins"
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+    return ([ext], cmdclass), f"CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} and the CPU twins"
 
 
 def main() -> None:

@@ -32,10 +32,10 @@ def random_weights(hidden, heads, kv_heads, head_dim, inter, vocab, layers, grou
         w = 1 + 0.2 * torch.randn(2 * n if transposed else n, generator=g)
         return (w[::2] if transposed else w).to(dtype)
 
-    stack = tuple(ok.DecoderLayerWeights(norm(hidden), matrix(heads * head_dim, hidden), matrix(kv_heads * head_dim, hidden),
-                                    matrix(kv_heads * head_dim, hidden), matrix(hidden, heads * head_dim),
-                                    norm(head_dim), norm(head_dim), norm(hidden), matrix(inter, hidden),
-                                    matrix(inter, hidden), matrix(hidden, inter)) for _ in range(layers))
+    stack = tuple(ok.DecoderLayerWeights(
+        norm(hidden), matrix(heads * head_dim, hidden), matrix(kv_heads * head_dim, hidden),
+        matrix(kv_heads * head_dim, hidden), matrix(hidden, heads * head_dim), norm(head_dim), norm(head_dim),
+        norm(hidden), matrix(inter, hidden), matrix(inter, hidden), matrix(hidden, inter)) for _ in range(layers))
     angles = torch.arange(groups + 1, dtype=torch.float32)[:, None] * ok.rope_inv_freq(head_dim, 1e6)
     angles = torch.cat((angles, angles), dim=-1)
     return ok.PredictorWeights(stack, norm(hidden), tuple(matrix(vocab, hidden) * hidden**0.5 for _ in range(groups)),

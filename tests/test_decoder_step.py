@@ -46,7 +46,8 @@ def random_weights(hidden, heads, kv_heads, head_dim, vocab, kinds, experts, top
             layer = layer._replace(gate_proj=matrix(inter, hidden), up_proj=matrix(inter, hidden),
                                    down_proj=matrix(hidden, inter))
         else:
-            layer = layer._replace(router=matrix(experts, hidden) * 4, experts_gate_up=matrix(2 * inter, hidden, experts),
+            layer = layer._replace(router=matrix(experts, hidden) * 4,
+                                   experts_gate_up=matrix(2 * inter, hidden, experts),
                                    experts_down=matrix(hidden, inter, experts))
         if kind == "s":
             layer = layer._replace(shared_gate_proj=matrix(shared, hidden), shared_up_proj=matrix(shared, hidden),

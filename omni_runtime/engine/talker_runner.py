@@ -94,16 +94,14 @@ class TalkerRunner:
                           sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden: [1, 1, H] talker state that produced ``code0`` ([1]) -> (codes of codebooks 1..Q-1 [Q-1],
         the next talker input before text conditioning: the sum of the frame's Q code embeddings [1, 1, H]).
-        On a GPU frames replay a captured CUDA graph. A sampled one draws from the runner's generator, reseeded
-        with ``sampler``'s seed when a new sampler (a new request) comes: the same codes as eager draws from
-        ``sampler``'s own generator."""
+        On a CPU (fp32) a frame is one call of the C++ twin, drawing from ``sampler``'s generator. On a GPU frames
+        replay a captured CUDA graph. A sampled one draws from the runner's generator, reseeded with ``sampler``'s
+        seed when a new sampler (a new request) comes: the same codes as eager draws from ``sampler``'s own
+        generator."""
         p = sampler.params
         if (self.frame_weights is not None and sampler.suppress is None
                 and ok.selected_backend("code_predictor_frame", self.state.device) == "cpp"):
-            prefix = torch.cat([hidden[0], self.talker.model.codec_embedding(code0)])          # [2, H]
-            codes, embed_sum = ok.code_predictor_frame(prefix, self.frame_weights, p.temperature, p.top_k, p.top_p,
-                                                       sampler.generator)
-            return codes, embed_sum.view(1, 1, -1)
+            return self._predict_in_one_call(hidden, code0, sampler)
         if p.greedy:
             return self.predictor_graph(hidden, code0)
         if self.predictor_generator is None:
@@ -118,6 +116,14 @@ class TalkerRunner:
                 lambda hidden, code0: self._predict(hidden, code0, drawing), self.cfg.text.hidden_size,
                 self.state.dtype, self.state.device, generator=self.predictor_generator)
         return self.sampled_predictor_graphs[key](hidden, code0)
+
+    def _predict_in_one_call(self, hidden: torch.Tensor, code0: torch.Tensor,
+                             sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
+        p = sampler.params
+        prefix = torch.cat([hidden[0], self.talker.model.codec_embedding(code0)])                # [2, H]
+        codes, embed_sum = ok.code_predictor_frame(prefix, self.frame_weights, p.temperature, p.top_k, p.top_p,
+                                                   sampler.generator)
+        return codes, embed_sum.view(1, 1, -1)
 
     def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
                  sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
