@@ -149,8 +149,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        x, h = ok.add_rms_norm(x, self.self_attn(self.input_layernorm(x), ctx, cache), norm.weight, norm.eps)
+        return x + self.mlp(h)
 
     def step_weights(self) -> ok.DecoderLayerWeights:
         """This layer's weights as the one-call decode step (``ok.decoder_step``) takes them: views, no copies."""
