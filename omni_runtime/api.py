@@ -63,10 +63,11 @@ class OmniModel:
         if talker is not None:
             talker_len = min(config.talker.text.max_position_embeddings, max_seq_len + DEFAULT_TALKER_MAX_NEW_TOKENS)
             self.talker_runner = TalkerRunner(talker, config.talker, talker_len, device, dtype)
-        # On a GPU one static stream, its pushes after each stream's first replaying CUDA graphs; on a CPU a fresh
-        # exact stream per answer.
-        self.code2wav_runner = Code2WavRunner(self.code2wav) if self.code2wav is not None and \
-            device.type == "cuda" else None
+        # On a GPU one static stream for every answer, its pushes replaying CUDA graphs once its buffers exist; on a
+        # CPU a fresh exact stream per answer.
+        self.code2wav_runner = None
+        if self.code2wav is not None and device.type == "cuda":
+            self.code2wav_runner = Code2WavRunner(self.code2wav)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
