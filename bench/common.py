@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +51,14 @@ def timed(fn, device: torch.device) -> float:
 
 def median_of(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder (the random checkpoints a benchmark writes, ~1 GB with the real vocabulary), removed when
+    the script exits."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def save(name: str, result: dict) -> Path:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import copy
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import DTYPES, apply_threads, environment, model_config, model_parser, save
+from common import DTYPES, apply_threads, environment, model_config, model_parser, save, scratch_dir
 
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.demo import RELEASED_CONFIG
@@ -92,7 +90,7 @@ def build_models(args, device, dtype):
 
     config = model_config(args, talker_hidden=args.talker_hidden, talker_layers=args.talker_layers,
                           talker_experts=args.talker_experts)
-    folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
+    folder = scratch_dir("omni-bench-")
     save_reference_checkpoint(folder, omni_config_dict(**config))
     reference = None
     if not args.ours_only:

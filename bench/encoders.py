@@ -11,14 +11,13 @@ default ``tiny`` ones fit a CPU run. Peak memory is CUDA's peak allocation on a 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, save
+from common import environment, save, scratch_dir
 from safetensors.torch import save_file
 
 from omni_runtime.loader import checkpoint_files, load_weights
@@ -80,7 +79,7 @@ def measure(fn, device):
 
 def ours_from(reference: torch.nn.Module, build, prefix: str, dtype, device):
     """Our encoder loaded through the checkpoint loader from the reference module's weights."""
-    folder = Path(tempfile.mkdtemp(prefix="omni-enc-"))
+    folder = scratch_dir("omni-enc-")
     save_file({prefix + k: v.contiguous() for k, v in reference.state_dict().items()}, folder / "model.safetensors")
     with torch.device("meta"):
         module = build()

@@ -7,11 +7,9 @@ the first token are excluded the same way. Prints a table and writes bench/resul
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 
 import torch
-from common import DTYPES, apply_threads, environment, median_of, model_config, model_parser, save
+from common import DTYPES, apply_threads, environment, median_of, model_config, model_parser, save, scratch_dir
 
 from omni_runtime import OmniModel, SamplingParams
 
@@ -30,7 +28,7 @@ def main():
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     config = model_config(args)
-    folder = Path(tempfile.mkdtemp(prefix="omni-bench-"))
+    folder = scratch_dir("omni-bench-")
     save_reference_checkpoint(folder, omni_config_dict(**config))
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
     ours = OmniModel.from_pretrained(folder, device=device, dtype=dtype)
