@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from omni_kernels._extension import cpu_runs
-from omni_kernels.decoder_step import DecoderLayerWeights, DecoderWeights, decoder_layer_ref
+from omni_kernels.decoder_step import DecoderLayerWeights, decoder_layer_ref
 from omni_kernels.dispatch import REGISTRY, everywhere
 from omni_kernels.rms_norm import rms_norm_ref
 from omni_kernels.sampling import sample_ref
@@ -46,12 +46,6 @@ class PredictorWeights:
         """The C++ op's layout: each layer's attention and dense MLP (its first 11 entries), layer after layer."""
         return [t for layer in self.layers for t in layer[:11]]
 
-    @functools.cached_property
-    def decoder(self) -> DecoderWeights:
-        """The same layers as a decoder without a head (for the reference's layer steps)."""
-        return DecoderWeights(self.layers, self.final_norm, self.heads[0], self.num_heads, self.num_kv_heads, 0,
-                              False, self.eps)
-
 
 def code_predictor_frame_ref(prefix: torch.Tensor, w: PredictorWeights, temperature: float = 0.0, top_k: int = 0,
                              top_p: float = 1.0, generator: torch.Generator | None = None):
@@ -63,7 +57,7 @@ def code_predictor_frame_ref(prefix: torch.Tensor, w: PredictorWeights, temperat
         t = x.shape[1]
         cos, sin = w.cos[first:first + t][None], w.sin[first:first + t][None]                # [1, t, D]
         for layer, cache in zip(w.layers, caches):
-            x = decoder_layer_ref(x, layer, w.decoder, cache[0], cache[1], first, cos, sin)
+            x = decoder_layer_ref(x, layer, w, cache[0], cache[1], first, cos, sin)
         logits = F.linear(rms_norm_ref(x, w.final_norm, w.eps), head)[:, -1].float()         # [1, V]
         codes.append(sample_ref(logits, temperature, top_k, top_p, generator))
         x = F.embedding(codes[-1].view(1, 1), embedding)                                      # [1, 1, H]

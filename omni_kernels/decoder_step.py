@@ -71,7 +71,9 @@ class DecoderWeights:
 def decoder_layer_ref(x: torch.Tensor, layer: DecoderLayerWeights, w: DecoderWeights, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, first: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [1, t, H] new tokens for cache slots [first, first + t), each attending causally to the slots up to its
-    own; caches [1, Hkv, S, D] (written), cos/sin [1, t, D] -> [1, t, H]. The model's DecoderLayer, op for op."""
+    own; caches [1, Hkv, S, D] (written), cos/sin [1, t, D] -> [1, t, H]. The model's DecoderLayer, op for op.
+    ``w`` gives num_heads, num_kv_heads and eps (and top_k, renormalize for MoE layers): a ``DecoderWeights``, or
+    the code predictor's ``PredictorWeights`` (dense layers)."""
     t, head_dim = x.shape[1], k_cache.shape[-1]
     h = rms_norm_ref(x, layer.input_norm, w.eps)
     q = F.linear(h, layer.q_proj).view(1, t, w.num_heads, head_dim)
