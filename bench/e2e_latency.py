@@ -19,7 +19,7 @@ from common import DTYPES, apply_threads, environment, model_config, model_parse
 
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.demo import RELEASED_CONFIG
-from omni_runtime.pipeline import StageTimer
+from omni_runtime.pipeline import TALKER_STAGES, StageTimer
 
 IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
 
@@ -119,7 +119,7 @@ def main():
                    "rtf": r["total_s"] / (r["samples"] / 24000)} for name, r in runs}
     stages = mine["stages_ms"]
     thinker_s = (stages.get("thinker prefill", 0) + stages.get("thinker decode", 0)) / 1e3
-    talker_s = sum(stages.get(k, 0) for k in ("talker prefill", "talker decode", "code predictor")) / 1e3
+    talker_s = sum(stages.get(k, 0) for k in TALKER_STAGES) / 1e3
     result = {
         "bench": "e2e_latency", "env": environment(device), "dtype": args.dtype, "model": config,
         "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens,

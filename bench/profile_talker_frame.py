@@ -4,9 +4,11 @@ reading their weights once, and kernel by kernel.
     python bench/profile_talker_frame.py [--device cuda --dtype bfloat16 --full-size] [--frames 20]
 
 Random weights (the released sizes with ``--full-size``; the thinker is cut to 2 layers since only the talker runs),
-a short talker prefill, then frames exactly as the pipeline runs them with greedy sampling (captured CUDA graphs on a
-GPU): per-stage milliseconds, the bandwidth floor of each stage (weights it must read / ``--peak-gbs``) and the ops
-or kernels that take the most time. Writes bench/results/talker_frame[_full]_<device>.json.
+a short talker prefill, then greedy frames stage by stage (talker step, then predictor frame; each a captured CUDA
+graph on a GPU): per-stage milliseconds, the bandwidth floor of each stage (weights it must read / ``--peak-gbs``)
+and the ops or kernels that take the most time. Then whole frames as the pipeline runs them (``TalkerRunner.frame``:
+one graph for step, codebook-0 draw and predictor), greedy and with the product's sampling.
+Writes bench/results/talker_frame[_full]_<device>.json.
 """
 from __future__ import annotations
 
@@ -49,6 +51,30 @@ def weight_bytes_per_frame(model: OmniModel) -> dict[str, int]:
     return {"talker decode": talker_step, "code predictor": steps * (layers + head.numel() * head.element_size())}
 
 
+def whole_frames(runner, frame_embed: torch.Tensor, device: torch.device, frames: int) -> dict[str, float]:
+    """Median ms of ``runner.frame`` with greedy and with the product's sampling (see omni_runtime.api)."""
+    from omni_runtime.api import DEFAULT_PREDICTOR_SAMPLING, DEFAULT_TALKER_SAMPLING
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=1.05)
+    settings = {"greedy": (greedy, SamplingParams(temperature=0.0)),
+                "sampled": (DEFAULT_TALKER_SAMPLING, DEFAULT_PREDICTOR_SAMPLING)}
+    text_row = torch.zeros_like(frame_embed)
+    result = {}
+    for name, (talker_params, predictor_params) in settings.items():
+        talker = Sampler(talker_params, device, runner.code0_suppress)
+        predictor = Sampler(predictor_params, device)
+        runner.begin_answer(talker, predictor)
+        state = {"frame": frame_embed}
+
+        def step():
+            state["frame"] = runner.frame(state["frame"], text_row, talker, predictor)[2]
+
+        for _ in range(3):   # the first call captures the graph
+            step()
+        times = [timed(step, device) for _ in range(frames)]
+        result[name] = 1e3 * sorted(times)[len(times) // 2]
+    return result
+
+
 def main():
     args = parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -89,6 +115,7 @@ def main():
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
                 frame(record=False)
+        whole = whole_frames(runner, state["frame"], device, args.frames)
 
     floors = {k: v / (args.peak_gbs * 1e9) for k, v in weight_bytes_per_frame(model).items()}
     rows = []
@@ -102,6 +129,8 @@ def main():
     total = sum(r["ms"] for r in rows)
     floor_total = sum(r["floor_ms"] for r in rows)
     print(f"{'frame':16s} {total:9.3f} {floor_total:9.3f} {total / floor_total:8.1f}")
+    for name, ms in whole.items():
+        print(f"{'whole, ' + name:16s} {ms:9.3f} {floor_total:9.3f} {ms / floor_total:8.1f}")
 
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:args.top]
@@ -112,7 +141,7 @@ def main():
     path = save("talker_frame" + ("_full" if args.full_size else ""),
                 {"bench": "talker_frame", "env": environment(device), "dtype": args.dtype,
                  "full_size": args.full_size, "peak_gbs": args.peak_gbs, "stages": rows,
-                 "frame_ms": total, "floor_ms": floor_total, "top_ops": ops})
+                 "frame_ms": total, "floor_ms": floor_total, "whole_frame_ms": whole, "top_ops": ops})
     print("saved", path)
 
 

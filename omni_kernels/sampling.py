@@ -17,6 +17,14 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     return logits.scatter(-1, history, seen)
 
 
+def apply_repetition_penalty_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``apply_repetition_penalty`` with the history given as a mask: seen [B, V] bool, True for every token in it.
+    The same bits (the same two elementwise ops on the same entries), but static shapes and no host read, so a
+    CUDA graph can hold it while the history grows."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]

@@ -225,10 +225,7 @@ class OmniModel:
         if needed > self.talker_runner.max_len:
             raise ValueError(f"prompt ({ids.numel()} tokens) + talker_max_new_tokens ({talker_max_new_tokens}) "
                              f"exceeds the {self.talker_runner.max_len} positions of the talker's KV cache")
-        vocab = cfg.text.vocab_size
-        suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        suppress[vocab - 1024:] = True          # codec specials can never be sampled, except the end of speech
-        suppress[cfg.codec_eos] = False
+        suppress = self.talker_runner.code0_suppress   # codec specials are never drawn, except the end of speech
         options = SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
                                 Sampler(predictor_sampling, self.device), talker_max_new_tokens,
                                 first_chunk_frames, chunk_frames)

@@ -10,7 +10,7 @@ import torch
 
 from omni_runtime.api import SAMPLE_RATE, OmniModel
 from omni_runtime.demo import demo_checkpoint
-from omni_runtime.pipeline import StageTimer
+from omni_runtime.pipeline import TALKER_STAGES, StageTimer
 from omni_runtime.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +58,7 @@ def latency_table(start: float, first_text: float | None, first_audio: float | N
                   frames: int, samples: int, timer: StageTimer) -> str:
     ms = lambda t: "-" if t is None else f"{1e3 * (t - start):.1f} ms"  # noqa: E731
     audio_seconds = samples / SAMPLE_RATE
-    speech_time = sum(timer.seconds[s] for s in ("talker prefill", "talker decode", "code predictor", "code2wav"))
+    speech_time = sum(timer.seconds[s] for s in (*TALKER_STAGES, "code2wav"))
     thinker_time = timer.seconds["thinker prefill"] + timer.seconds["thinker decode"]
     rows = [
         ("time to first token", ms(first_text)),

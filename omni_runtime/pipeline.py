@@ -21,6 +21,11 @@ from omni_runtime.multimodal import MediaInputs, PromptInputs, talker_positions
 from omni_runtime.sampling import Sampler
 
 
+# StageTimer stages of the talker side: its prefill, the first frame's predictor, then whole frames (talker step,
+# codebook-0 draw, predictor).
+TALKER_STAGES = ("talker prefill", "code predictor", "talker frame")
+
+
 @dataclass
 class StreamEvent:
     text_ids: list[int] = field(default_factory=list)   # new thinker tokens
@@ -127,8 +132,6 @@ class SpeechSession:
         self.runner = model.talker_runner
         self.timer = thinker.timer
         self.code2wav = model.code2wav_stream()
-        self.codes0 = torch.empty(1, options.talker_max_new_tokens, dtype=torch.int64, device=ids.device)
-        self.codes0_count = 0                     # codebook-0 codes sampled: the penalty's history
         self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
         self.frames_sent = 0
 
@@ -144,27 +147,33 @@ class SpeechSession:
         positions = talker_positions(self.ids, self.media, self.model.config, self.model.vision_encoder)
         with self.timer("talker prefill"):
             logits, hidden = self.runner.prefill(prefill, positions)
-        code0 = self._sample_code0(logits)
+        self.runner.begin_answer(opts.talker_sampler, opts.predictor_sampler)
+        code0 = self.runner.sample_code0(logits, opts.talker_sampler)
+        if opts.talker_max_new_tokens == 1 or int(code0) == cfg.codec_eos:
+            return (yield from self._finish())
+        # The first frame's predictor runs alone, so that its audio leaves before the next talker step; every later
+        # frame is one call: talker step, codebook-0 draw, predictor (one graph replay on a GPU).
+        yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1)
+        with self.timer("code predictor"):
+            residuals, frame_embed = self.runner.predict_residuals(hidden, code0, opts.predictor_sampler)
         for step in range(opts.talker_max_new_tokens - 1):
-            if int(code0) == cfg.codec_eos:
-                break
-            yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1 + step)
-            with self.timer("code predictor"):
-                residuals, frame_embed = self.runner.predict_residuals(hidden, code0, opts.predictor_sampler)
             self.pending.append(torch.cat([code0, residuals]))
             yield from self._audio(final=False)
-            with self.timer("talker decode"):
-                logits, hidden = self.runner.decode(frame_embed + self.text.row(ASSISTANT_TEXT_ROWS + 1 + step))
-            code0 = self._sample_code0(logits)
+            if step == opts.talker_max_new_tokens - 2:
+                break
+            yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1 + step)
+            with self.timer("talker frame"):
+                code0, residuals, frame_embed = self.runner.frame(
+                    frame_embed, self.text.row(ASSISTANT_TEXT_ROWS + 1 + step), opts.talker_sampler,
+                    opts.predictor_sampler)
+            if int(code0) == cfg.codec_eos:   # the frame's predictor ran for nothing: one frame per answer
+                break
+        yield from self._finish()
+
+    def _finish(self) -> Iterator[StreamEvent]:
         yield from self._audio(final=True)
         while not self.thinker.finished:   # the talker ended before the text
             yield self._text_event(self.thinker.step())
-
-    def _sample_code0(self, logits: torch.Tensor) -> torch.Tensor:
-        code0 = self.options.talker_sampler(logits, self.codes0[:, :self.codes0_count])
-        self.codes0[0, self.codes0_count] = code0[0]
-        self.codes0_count += 1
-        return code0
 
     def _thinker_until_ready(self, row: int) -> Iterator[StreamEvent]:
         while not self.text.ready(row):

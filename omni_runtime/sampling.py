@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_kernels.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, sample_ref
+from omni_kernels.sampling import (apply_repetition_penalty, apply_repetition_penalty_seen, apply_top_k, apply_top_p,
+                                   sample_ref)
 
-__all__ = ["Sampler", "SamplingParams", "apply_repetition_penalty", "apply_top_k", "apply_top_p"]
+__all__ = ["Sampler", "SamplingParams", "apply_repetition_penalty", "apply_repetition_penalty_seen", "apply_top_k",
+           "apply_top_p"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def warpers(self) -> tuple[float, int, float, float]:
+        """What a draw computes, without the seed: equal warpers share a captured graph."""
+        return self.temperature, self.top_k, self.top_p, self.repetition_penalty
+
 
 class Sampler:
     """Applies one ``SamplingParams`` to a stream of logits; owns the seeded generator of that stream."""
@@ -55,10 +62,14 @@ class Sampler:
                 generator.seed()
         self.generator = None if params.greedy else generator
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: [B, V] fp32, history: [B, N] token ids seen so far -> next tokens [B] int64."""
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None,
+                 seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: [B, V] fp32, history: [B, N] token ids seen so far, or ``seen``: the same as a [B, V] bool mask
+        (graph-safe) -> next tokens [B] int64."""
         p = self.params
-        if p.repetition_penalty != 1.0 and history is not None and history.numel():
+        if p.repetition_penalty != 1.0 and seen is not None:
+            logits = apply_repetition_penalty_seen(logits, seen, p.repetition_penalty)
+        elif p.repetition_penalty != 1.0 and history is not None and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if self.suppress is not None:
             logits = logits.masked_fill(self.suppress, float("-inf"))

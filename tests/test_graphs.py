@@ -79,3 +79,51 @@ def test_static_decode_step_gives_the_same_answer(reference_checkpoint):
     a, b = exact.generate(chat_prompt(0), **kwargs), static.generate(chat_prompt(0), **kwargs)
     assert a.text_ids == b.text_ids and torch.equal(a.codes, b.codes)
     torch.testing.assert_close(a.audio, b.audio, atol=1e-4, rtol=0)
+
+
+SAMPLED_TALKER = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=5)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_whole_frames_give_the_same_answer(reference_checkpoint, sampled):
+    # The frame a GPU captures whole (static talker step, codebook-0 draw over the history mask, predictor frame,
+    # drawing from the runner's generators) run eagerly on CPU: the same text and codes as frame by frame, for two
+    # requests in a row (the second reuses the step, reseeds the generators and starts a new history). Greedy
+    # with a penalty below 1 makes the codes follow the codebook-0 history (see test_speech).
+    from test_thinker_parity import IM_END, chat_prompt
+
+    folder, _ = reference_checkpoint()
+    exact, static = OmniModel.from_pretrained(folder), OmniModel.from_pretrained(folder)
+    static.talker_runner.use_frame_graphs(capture=False)
+    kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
+                  talker_sampling=SAMPLED_TALKER if sampled else SamplingParams(temperature=0.0, repetition_penalty=0.5))
+    expected = exact.generate(chat_prompt(0), **kwargs)
+    for _ in range(2):
+        got = static.generate(chat_prompt(0), **kwargs)
+        assert got.text_ids == expected.text_ids and torch.equal(got.codes, expected.codes)
+        torch.testing.assert_close(got.audio, expected.audio, atol=1e-4, rtol=0)
+    frames = static.talker_runner.frame_graphs
+    assert len(frames) == 1 and all(step.graph is None for step in frames.values())
+    assert expected.codes.shape[1] == 11
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("talker_sampling", [SamplingParams(temperature=0.0, repetition_penalty=1.05),
+                                             SAMPLED_TALKER])
+def test_talker_frame_graph_replays_like_eager(reference_checkpoint, talker_sampling):
+    # One graph per frame (talker step, codebook-0 draw, 15 predictor draws): the codes of the same frames run
+    # eagerly, over two requests.
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from test_thinker_parity import IM_END, chat_prompt
+
+    folder, _ = reference_checkpoint()
+    graphed, eager = OmniModel.from_pretrained(folder, device="cuda"), OmniModel.from_pretrained(folder, device="cuda")
+    eager.talker_runner.use_frame_graphs(capture=False)
+    kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
+                  talker_sampling=talker_sampling)
+    for _ in range(2):
+        a, b = graphed.generate(chat_prompt(0), **kwargs), eager.generate(chat_prompt(0), **kwargs)
+        assert a.text_ids == b.text_ids and torch.equal(a.codes, b.codes)
+    steps = list(graphed.talker_runner.frame_graphs.values())
+    assert len(steps) == 1 and steps[0].graph is not None

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from omni_runtime.sampling import (Sampler, SamplingParams, apply_repetition_penalty, apply_top_k,
-                                   apply_top_p)
+from omni_runtime.sampling import (Sampler, SamplingParams, apply_repetition_penalty, apply_repetition_penalty_seen,
+                                   apply_top_k, apply_top_p)
 
 
 def test_greedy_is_argmax_and_ignores_seed():
@@ -49,6 +49,21 @@ def test_warpers_match_transformers():
                                RepetitionPenaltyLogitsProcessor(1.05)(history, logits.clone()))
     assert torch.equal(apply_top_k(logits, 50), TopKLogitsWarper(50)(history, logits.clone()))
     assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(history, logits.clone()))
+
+
+@pytest.mark.parametrize("history_len", [0, 1, 40, 300])
+def test_penalty_over_a_seen_mask_is_the_penalty_over_the_history(history_len):
+    # The talker's frame graph keeps its codebook-0 history as a [1, V] mask: the same bits as the id list, repeats
+    # and all (the history holds duplicates; positive and negative logits; the empty history is a no-op).
+    logits = torch.randn(2, 512) * 3
+    history = torch.randint(0, 512, (2, history_len))
+    seen = torch.zeros(2, 512, dtype=torch.bool).scatter_(1, history, True)
+    expected = apply_repetition_penalty(logits, history, 1.05) if history_len else logits
+    assert torch.equal(apply_repetition_penalty_seen(logits, seen, 1.05), expected)
+    params = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=4)
+    by_history, by_mask = Sampler(params, torch.device("cpu")), Sampler(params, torch.device("cpu"))
+    assert [by_history(logits, history).tolist() for _ in range(10)] == \
+        [by_mask(logits, seen=seen).tolist() for _ in range(10)]
 
 
 def test_samples_only_from_the_allowed_set():

@@ -63,6 +63,20 @@ def test_greedy_speech_matches_reference(speech_checkpoint, model, thinker_token
     torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
 
 
+def test_strong_repetition_penalty_matches_reference(speech_checkpoint, model):
+    # The random model's greedy codes never repeat, so at 1.05 they do not depend on the codebook-0 history. A
+    # penalty below 1 favours seen codes: the codes then follow the history (checked against no penalty), which
+    # holds the history itself (a device-side mask) to the reference's.
+    _, hf_model = speech_checkpoint
+    prompt = chat_prompt(0)
+    _, codes, _ = reference_speech(hf_model, prompt, 8, 24, talker_repetition_penalty=0.5)
+    penalised = model.generate(prompt, max_new_tokens=8, eos_token_id=IM_END, return_audio=True,
+                               talker_max_new_tokens=24,
+                               talker_sampling=SamplingParams(temperature=0.0, repetition_penalty=0.5))
+    assert torch.equal(penalised.codes, codes)
+    assert not torch.equal(ours(model, prompt, 8, 24).codes, codes)
+
+
 def test_answer_ending_in_eos_matches_reference(speech_checkpoint, model):
     _, hf_model = speech_checkpoint
     prompt = chat_prompt(1)

@@ -1,5 +1,6 @@
-"""CUDA graphs: the code predictor's frame (15 dependent steps of a small transformer) and the thinker's and
-talker's decode steps, each captured once and replayed.
+"""CUDA graphs: the code predictor's frame (15 dependent steps of a small transformer), the thinker's and talker's
+decode steps, the talker's whole frame (its step, codebook-0 sampling and the predictor's frame) and Code2Wav's
+streaming chunk, each captured once and replayed.
 
 The frame is static by construction: the predictor's cache is rebuilt every frame, so every frame runs the same
 kernels on the same shapes (a 2-token prefill, then 14 single-token steps over 3..16 cached positions). Captured once
@@ -89,16 +90,26 @@ class DecodeStepGraph:
     """One decode step of a decoder over its static KV cache, with the rotary position, the cache slot and the
     sequence length read from device tensors, so that one captured graph serves every step.
 
-    ``step(x, ctx)`` runs the decoder on the step input ``x`` (token ids or embeddings, copied into a static buffer)
-    and returns its outputs. Attention reads the whole cache masked by ``ctx.seq_lens`` (``decode_attention``)
-    instead of a slice, so numerics differ from the eager path in the last bits. ``capture=False`` runs the same
-    step eagerly (tests use it on CPU)."""
+    ``step(*inputs, ctx)`` runs the decoder on the step's inputs (token ids or embeddings, copied into static
+    buffers) and returns its outputs. Attention reads the whole cache masked by ``ctx.seq_lens``
+    (``decode_attention``) instead of a slice, so numerics differ from the eager path in the last bits.
+    ``capture=False`` runs the same step eagerly (tests use it on CPU).
 
-    def __init__(self, step: Callable[[torch.Tensor, StepContext], tuple | torch.Tensor], state: DecoderState,
-                 input_like: torch.Tensor, capture: bool = True, warmup: int = 2):
+    A step may sample and keep state besides the cache (the talker's frame: codebook-0 and 15 predictor draws, the
+    codebook-0 history mask). ``generators`` are registered with the graph, so each replay advances them as eager
+    draws would; ``buffers`` are the tensors it updates in place. Warm-up and capture run the step without a real
+    step behind it: both leave generators and buffers as they found them. With generators, two replays are checked
+    against two eager steps from the same state once after capture; a mismatch or a capture error leaves the step
+    eager, with a warning."""
+
+    def __init__(self, step: Callable[..., tuple | torch.Tensor], state: DecoderState,
+                 input_like: torch.Tensor | tuple[torch.Tensor, ...], capture: bool = True, warmup: int = 2,
+                 generators: tuple[torch.Generator, ...] = (), buffers: tuple[torch.Tensor, ...] = ()):
         self.step, self.state, self.warmup = step, state, warmup
+        self.generators, self.buffers = generators, buffers
         device = state.device
-        self.input = torch.zeros_like(input_like)
+        like = input_like if isinstance(input_like, tuple) else (input_like,)
+        self.inputs = tuple(torch.zeros_like(t) for t in like)
         rows = (3, 1, 1) if state.mrope_section else (1, 1)
         self.position = torch.zeros(rows, dtype=torch.float32, device=device)
         self.slot = torch.zeros(1, dtype=torch.int64, device=device)
@@ -107,10 +118,11 @@ class DecodeStepGraph:
         self.outputs = None
         self.capture = capture and device.type == "cuda"
 
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, *xs: torch.Tensor):
         state = self.state
         slot = state.cache.reserve(1)        # bookkeeping on the host; the kernels read the tensors below
-        self.input.copy_(x)
+        for buffer, x in zip(self.inputs, xs, strict=True):
+            buffer.copy_(x)
         self.position.copy_(state.next_position)
         self.slot.copy_(slot)
         self.seq_len.fill_(state.cache.length)
@@ -127,23 +139,56 @@ class DecodeStepGraph:
     def _run(self):
         state = self.state
         cos, sin = ok.mrope_cos_sin_ref(self.position, state.inv_freq, state.mrope_section, state.dtype)
-        return self.step(self.input, StepContext(cos, sin, self.slot, state.cache.max_len, self.seq_len))
+        return self.step(*self.inputs, StepContext(cos, sin, self.slot, state.cache.max_len, self.seq_len))
+
+    def _snapshot(self) -> Callable[[], None]:
+        """-> a function that puts generators and buffers back where they stand now."""
+        states = [g.get_state() for g in self.generators]
+        saved = [t.clone() for t in self.buffers]
+
+        def restore():
+            for generator, rng in zip(self.generators, states):
+                generator.set_state(rng)
+            for buffer, value in zip(self.buffers, saved):
+                buffer.copy_(value)
+
+        return restore
 
     def _capture(self) -> None:
+        restore = self._snapshot()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):   # warm-up writes this step's slot again: the same values, harmless
+            with torch.cuda.stream(side):   # warm-up writes this step's slot again; the real step overwrites it
                 for _ in range(self.warmup):
                     self._run()
             torch.cuda.current_stream().wait_stream(side)
+            restore()
             graph = torch.cuda.CUDAGraph()
+            for generator in self.generators:
+                graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 self.outputs = self._run()
+            if self.generators:
+                self._check_draws(graph, restore)
             self.graph = graph
         except Exception as e:
             warnings.warn(f"decode-step CUDA-graph capture failed, running eagerly: {e}", stacklevel=3)
             self.capture, self.graph, self.outputs = False, None, None
+        restore()
+
+    def _check_draws(self, graph: torch.cuda.CUDAGraph, restore: Callable[[], None]) -> None:
+        # Two steps from the same state, eager then replayed: the second shows a replay advanced the generators (and
+        # updated the buffers) as the eager step did.
+        flat = lambda out: [t.clone() for t in (out if isinstance(out, tuple) else (out,))]  # noqa: E731
+        eager = [flat(self._run()) for _ in range(2)]
+        restore()
+        replayed = []
+        for _ in range(2):
+            graph.replay()
+            replayed.append(flat(self.outputs))
+        if not all(torch.equal(a, b) for e, r in zip(eager, replayed) for a, b in zip(e, r)):
+            raise RuntimeError("sampled outputs replayed from the graph differ from eager ones from the same state")
 
 
 class Code2WavChunkGraph:
