@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU lease, one call: build the CUDA extension for the card present, run the GPU suite, then the benchmarks.
 #
-#   bash bench/gpu_session.sh [STEP...]      (no argument: build test kernels e2e)
-#   steps: build, test, kernels (= moe attention code2wav), e2e (= e2e_small e2e_full talker_frame
-#   thinker_decode), tune
+#   bash bench/gpu_session.sh [STEP...]      (no argument: build gpu_tests e2e_full talker_frame moe test)
+#   steps: build, gpu_tests (pytest -m gpu: CUDA ops, graphs, bf16 parity), test (the whole suite on the GPU: Triton
+#   kernels on device), kernels (= moe attention code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
+#   tune
+# The default order fits one call of a 15-minute lease: what only a GPU can show first, headline figures next.
 #   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
 #
 # Logs, junit XML and result JSON are packed after every step into $OUT/session.tgz ($OUT: the device tool's folder,
@@ -14,10 +16,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_session} logs=$(mktemp -d)
 mkdir -p "$out"
-deadline=${DEADLINE:-570}
+deadline=${DEADLINE:-540}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build test kernels e2e)
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu_tests e2e_full talker_frame moe test)
 summary=()
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -60,6 +62,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
         step build 300 env TORCH_CUDA_ARCH_LIST="$arch" python3 setup.py -q build_ext --inplace
       fi
       cp omni_kernels/_C*.so "$out/" 2>/dev/null ;;
+    gpu_tests)
+      step gpu_tests 180 python3 -m pytest -q -p no:cacheprovider -m gpu -n 8 --timeout 170 -rfE --tb=short \
+        --junitxml="$logs/junit_gpu.xml" ${TESTS:-tests} ;;
     test)
       step test_gpu 360 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfE --tb=short \
         --junitxml="$logs/junit.xml" ${TESTS:-tests} ;;
@@ -69,9 +74,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
     code2wav) step bench_code2wav 240 python3 bench/bench_code2wav_kernels.py ;;
     e2e) steps+=(e2e_small e2e_full talker_frame thinker_decode) ;;
     e2e_small) step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 ;;
-    e2e_full)  # THINKER_LAYERS: 48 is the released model (about 65 GiB in bf16 with the talker)
-      step e2e_full 420 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
-        --thinker-layers "${THINKER_LAYERS:-24}" ;;
+    e2e_full)  # all 48 thinker layers: the released model, 64 GiB peak in bf16 with the talker (fits an H100 80GB)
+      step e2e_full 300 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
+        --thinker-layers "${THINKER_LAYERS:-48}" ;;
     talker_frame) step talker_frame 180 python3 bench/profile_talker_frame.py --device cuda --dtype bfloat16 --full-size ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
     tune)
