@@ -1,10 +1,12 @@
-"""fused_moe on a GPU at Qwen3-Omni shapes: ours (Triton) against the torch reference and transformers' grouped_mm.
+"""fused_moe on a GPU at Qwen3-Omni shapes: ours (Triton, CUDA) against the torch reference and transformers grouped_mm.
 
     python bench/bench_fused_moe.py [--dtype bfloat16] [--shapes thinker,talker] [--tokens 1,2,4,8,16,64,512,4096]
 
 Implementations, all on the same weights and tokens:
   triton          the whole op (router GEMM, routing kernel, expert GEMMs, combine) as fused_moe dispatches it
   triton_experts  the experts alone given the routing (sort/align, both GEMMs, combine): the HBM-bound part
+  cuda            the whole op on the CUDA extension (torch.ops.omni.fused_moe; opt-in in the dispatch until these
+                  rows show it beats triton), when the extension has it
   torch_ref       fused_moe_ref, the whole op
   hf_grouped_mm   transformers' grouped_mm experts forward given the routing (when transformers imports)
 Bytes are those that must move: the weights of the experts the tokens select (each once), plus x and the output,
@@ -26,6 +28,7 @@ from common import RESULTS, ROOT, environment, save
 sys.path.insert(0, str(ROOT))
 import omni_kernels as ok  # noqa: E402
 from omni_kernels import moe  # noqa: E402
+from omni_kernels._extension import has_cuda_op  # noqa: E402
 
 SHAPES = {"thinker": dict(E=128, top_k=8, I=768, H=2048), "talker": dict(E=128, top_k=6, I=384, H=1024)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +41,7 @@ def parse_args():
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     p.add_argument("--shapes", default="thinker,talker")
     p.add_argument("--tokens", default="1,2,4,8,16,64,512,4096")
-    p.add_argument("--impls", default="triton,triton_experts,torch_ref,hf_grouped_mm")
+    p.add_argument("--impls", default="triton,cuda,triton_experts,torch_ref,hf_grouped_mm")
     return p.parse_args()
 
 
@@ -114,6 +117,8 @@ def bench_shape(name, shape, num_tokens, dtype, impls, device):
     hf = hf_experts(w_gate_up, w_down)
     candidates = {
         "triton": lambda x, w, i, i32: ok.fused_moe(x, router, w_gate_up, w_down, top_k, True),
+        "cuda": (lambda x, w, i, i32: moe.fused_moe_cuda(x, router, w_gate_up, w_down, top_k, True))
+        if has_cuda_op("fused_moe") else None,
         "triton_experts": lambda x, w, i, i32: triton_experts(x, w_gate_up, w_down, w, i32),
         "torch_ref": lambda x, w, i, i32: ok.fused_moe_ref(x, router, w_gate_up, w_down, top_k, True),
         "hf_grouped_mm": None if hf is None else (lambda x, w, i, i32: hf(x, i, w)),
@@ -126,7 +131,7 @@ def bench_shape(name, shape, num_tokens, dtype, impls, device):
             fn = candidates.get(impl)
             if fn is None:
                 continue
-            whole = impl in ("triton", "torch_ref")
+            whole = impl in ("triton", "cuda", "torch_ref")
             calls = [lambda x=x, r=r, fn=fn: fn(x, *r) for x, r in zip(xs, routes, strict=True)]
             ms, timing = time_ms(calls, graphable=impl != "torch_ref")  # the reference syncs (bincount)
             nbytes = (unique * 3 * I * H + 2 * num_tokens * H + (E * H if whole else 0)) * elt

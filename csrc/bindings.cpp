@@ -30,6 +30,9 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
                    int64_t dilation, int64_t groups, std::optional<at::Tensor> const& state,
                    std::optional<at::Tensor> const& snake_alpha, std::optional<at::Tensor> const& snake_beta,
                    at::Tensor& out, at::Tensor& new_state);
+void moe_route(at::Tensor const& logits, int64_t top_k, bool renormalize, at::Tensor& weights, at::Tensor& ids);
+void fused_moe(at::Tensor const& x, at::Tensor const& router_logits, at::Tensor const& w_gate_up,
+               at::Tensor const& w_down, int64_t top_k, bool renormalize, at::Tensor& out);
 #endif
 
 TORCH_LIBRARY(omni, m) {
@@ -42,6 +45,9 @@ TORCH_LIBRARY(omni, m) {
   m.def("rvq_embed_mean(Tensor codes, Tensor table, int codebook_size, Tensor(a!) out) -> ()");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, int dilation, int groups, Tensor? state, "
         "Tensor? snake_alpha, Tensor? snake_beta, Tensor(a!) out, Tensor(b!) new_state) -> ()");
+  m.def("moe_route(Tensor logits, int top_k, bool renormalize, Tensor(a!) weights, Tensor(b!) ids) -> ()");
+  m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int top_k, bool renormalize, "
+        "Tensor(a!) out) -> ()");
   m.def("code_predictor_frame(Tensor prefix, Tensor[] layers, Tensor final_norm, Tensor[] embeddings, "
         "Tensor[] heads, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float temperature, "
         "int top_k, float top_p, Generator? generator, Tensor(a!) codes, Tensor(b!) embed_sum) -> ()");
@@ -63,6 +69,8 @@ TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rvq_embed_mean", &rvq_embed_mean);
   m.impl("causal_conv1d", &causal_conv1d);
+  m.impl("moe_route", &moe_route);
+  m.impl("fused_moe", &fused_moe);
 }
 #endif
 

@@ -9,6 +9,11 @@ asks the registry for the implementation to use for its input's device:
 * otherwise the first of ``cuda``, ``cpp`` (the extension's C++ CPU twins), ``triton``, ``torch`` that does (on CPU,
   Triton runs in the interpreter, a test tool, so it is used there only when forced).
 
+A kernel registered with ``opt_in=True`` is never chosen by that search: only forcing its backend (for its op or
+globally, ``set_backend``/``use_backend``/the environment variable) selects it. Kernels that have not yet been
+measured on a GPU against the current default are registered that way, so that a build does not make them the
+default unseen.
+
 The reference (``torch``) runs everywhere, so every op always has an implementation. Selection happens in Python
 before the torch dispatcher, so ``torch.compile`` and CUDA-graph capture see only the chosen kernel.
 """
@@ -31,6 +36,7 @@ class Kernel:
     backend: str
     fn: Callable
     runs_on: Callable[[torch.device], bool]
+    opt_in: bool = False   # selected only when its backend is forced
 
 
 def _check_backend(name: str | None) -> str | None:
@@ -46,12 +52,13 @@ class KernelRegistry:
         self._forced_per_op: dict[str, str] = {}
         self._selected: dict[tuple[str, torch.device], Kernel] = {}   # decided per (op, device); reset on changes
 
-    def register(self, op: str, backend: str, runs_on: Callable[[torch.device], bool]):
-        """Decorator: ``fn`` implements ``op`` on ``backend`` for the devices where ``runs_on(device)`` holds."""
+    def register(self, op: str, backend: str, runs_on: Callable[[torch.device], bool], *, opt_in: bool = False):
+        """Decorator: ``fn`` implements ``op`` on ``backend`` for the devices where ``runs_on(device)`` holds;
+        with ``opt_in`` it is used only when ``backend`` is forced."""
         _check_backend(backend)
 
         def decorate(fn: Callable) -> Callable:
-            self._kernels.setdefault(op, {})[backend] = Kernel(op, backend, fn, runs_on)
+            self._kernels.setdefault(op, {})[backend] = Kernel(op, backend, fn, runs_on, opt_in)
             self._selected.clear()
             return fn
 
@@ -85,8 +92,10 @@ class KernelRegistry:
             return candidate
         for backend in BACKENDS:
             kernel = kernels.get(backend)
-            # On CPU, Triton means the interpreter: a test tool used only when forced.
-            if kernel is not None and kernel.runs_on(device) and not (backend == "triton" and device.type == "cpu"):
+            # On CPU, Triton means the interpreter: a test tool used only when forced. Opt-in kernels: only forced.
+            if kernel is None or kernel.opt_in:
+                continue
+            if kernel.runs_on(device) and not (backend == "triton" and device.type == "cpu"):
                 return kernel
         raise RuntimeError(f"no implementation of {op} runs on {device}")  # unreachable: torch runs everywhere
 

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 
@@ -602,3 +603,36 @@ def fused_moe_triton(x, router_weight, w_gate_up, w_down, top_k, renormalize, sh
 
 REGISTRY.register("fused_moe", "triton", triton_runs)(
     fused_moe_custom_op("fused_moe_triton", lambda *args: fused_moe_triton(*args)))  # late-bound: tests patch it
+
+
+# ============================================================================================================== CUDA
+# torch.ops.omni.fused_moe (csrc/include/omni/moe.cuh): the routing kernel, the decode GEMVs (<= 16 tokens, no sort)
+# or the on-device align + grouped GEMMs (tensor cores for fp16/bf16), and the combine, with the reference's
+# roundings; the router GEMM stays on F.linear (the reference's call) and the shared expert on shared_expert_ref.
+CUDA_MAX_EXPERTS = 1024
+
+
+def fused_moe_cuda(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared=None) -> torch.Tensor:
+    """fused_moe on the CUDA extension. Other dtypes than fp16/bf16/fp32, mixed dtypes or more than
+    CUDA_MAX_EXPERTS experts run the reference."""
+    num_tokens, hidden = x.shape
+    if x.dtype not in _TRITON_DTYPES or any(w.dtype != x.dtype for w in (router_weight, w_gate_up, w_down)) \
+            or w_gate_up.shape[0] > CUDA_MAX_EXPERTS:
+        return fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
+    out = x.new_empty(num_tokens, hidden)
+    if num_tokens > 0:
+        torch.ops.omni.fused_moe(x, F.linear(x, router_weight), w_gate_up, w_down, top_k, renormalize, out)
+    return out if shared is None else out + shared_expert_ref(x, shared)
+
+
+def moe_route_cuda(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (T, E) -> weights (T, K) in logits' dtype, expert ids (T, K) int32, best first (the CUDA kernel)."""
+    weights = logits.new_empty(logits.shape[0], top_k)
+    ids = torch.empty(logits.shape[0], top_k, dtype=torch.int32, device=logits.device)
+    torch.ops.omni.moe_route(logits, top_k, renormalize, weights, ids)
+    return weights, ids
+
+
+# opt-in until measured on a GPU against the Triton kernel (bench/bench_fused_moe.py)
+REGISTRY.register("fused_moe", "cuda", cuda_runs("fused_moe"), opt_in=True)(
+    fused_moe_custom_op("fused_moe_cuda", lambda *args: fused_moe_cuda(*args)))

@@ -46,6 +46,30 @@ def test_forced_backend_that_cannot_run_falls_back_in_order():
     assert registry.select("op", torch.device("cpu")).backend == "torch"
 
 
+def test_opt_in_backend_only_when_forced():
+    # an opt-in kernel that runs on CPU: the search passes over it, forcing its backend (per op or globally) picks it
+    op = "_test_opt_in_op"
+    registry = ok.dispatch.REGISTRY
+    registry.register(op, "torch", everywhere)(lambda: "torch")
+    registry.register(op, "cpp", lambda d: d.type == "cpu", opt_in=True)(lambda: "cpp")
+    try:
+        assert registry.select(op, torch.device("cpu")).backend == "torch"
+        with ok.use_backend("cpp", op=op):
+            assert ok.selected_backend(op, "cpu") == "cpp"
+        assert ok.selected_backend(op, "cpu") == "torch"
+        with ok.use_backend("cpp"):
+            assert ok.selected_backend(op, "cpu") == "cpp"
+        assert registry.select(op, torch.device("cpu")).fn() == "torch"
+    finally:
+        registry._kernels.pop(op, None)
+        registry._selected.clear()
+    assert op not in registry.ops()
+
+
+def test_fused_moe_cuda_is_opt_in():
+    kernel = ok.dispatch.REGISTRY._kernels["fused_moe"]["cuda"]
+    assert kernel.opt_in and not ok.dispatch.REGISTRY._kernels["fused_moe"]["triton"].opt_in
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         ok.set_backend("tpu")

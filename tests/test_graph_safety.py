@@ -56,8 +56,9 @@ def test_talker_frame_step_reads_nothing_back(model, sampled):
     # The whole frame a GPU captures: talker step, codebook-0 draw over the history mask, the predictor's 15 steps.
     runner = model.talker_runner
     hidden_size = runner.cfg.text.hidden_size
-    talker = Sampler(SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=1) if sampled else
-                     SamplingParams(temperature=0.0, repetition_penalty=1.05), torch.device("cpu"), runner.code0_suppress)
+    talker_params = (SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=1) if sampled else
+                     SamplingParams(temperature=0.0, repetition_penalty=1.05))
+    talker = Sampler(talker_params, torch.device("cpu"), runner.code0_suppress)
     predictor = Sampler(SamplingParams(temperature=1.0, top_k=50, top_p=0.8, seed=2) if sampled else
                         SamplingParams(temperature=0.0), torch.device("cpu"))
     runner.use_frame_graphs(capture=False)

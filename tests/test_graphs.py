@@ -95,8 +95,9 @@ def test_whole_frames_give_the_same_answer(reference_checkpoint, sampled):
     folder, _ = reference_checkpoint()
     exact, static = OmniModel.from_pretrained(folder), OmniModel.from_pretrained(folder)
     static.talker_runner.use_frame_graphs(capture=False)
+    history_bound = SamplingParams(temperature=0.0, repetition_penalty=0.5)
     kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
-                  talker_sampling=SAMPLED_TALKER if sampled else SamplingParams(temperature=0.0, repetition_penalty=0.5))
+                  talker_sampling=SAMPLED_TALKER if sampled else history_bound)
     expected = exact.generate(chat_prompt(0), **kwargs)
     for _ in range(2):
         got = static.generate(chat_prompt(0), **kwargs)
