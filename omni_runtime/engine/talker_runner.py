@@ -161,8 +161,8 @@ class TalkerRunner:
                 code0 = self._draw_code0(code0_draw, logits)
                 return (code0, *self._predict(hidden, code0, predictor_draw))
 
-            generators = tuple(g for g, s in ((self.talker_generator, code0_draw), (self.predictor_generator,
-                                                                                  predictor_draw)) if not s.params.greedy)
+            drawing = ((self.talker_generator, code0_draw), (self.predictor_generator, predictor_draw))
+            generators = tuple(g for g, sampler in drawing if not sampler.params.greedy)
             embed_like = torch.zeros(1, 1, self.cfg.text.hidden_size, dtype=self.state.dtype,
                                      device=self.state.device)
             self.frame_graphs[key] = DecodeStepGraph(frame, self.state, (embed_like, embed_like), self.frame_capture,
