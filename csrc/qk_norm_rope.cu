@@ -36,6 +36,7 @@ void Launch(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, std::
   p.cos = ptr(cos), p.sin = ptr(sin);
   p.cache_positions = positions.const_data_ptr();
   p.positions_int32 = positions.scalar_type() == at::kInt;
+  p.pos_sb = positions.dim() == 2 ? positions.stride(0) : 0;
   p.k_cache = mut(k_cache), p.v_cache = mut(v_cache), p.q_out = mut(q_out);
   p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
   p.k_sb = k.stride(0), p.k_st = k.stride(1), p.k_sh = k.stride(2);
@@ -55,7 +56,7 @@ void Launch(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, std::
 }  // namespace
 
 // q: (B, T, Hq, D), k/v: (B, T, Hkv, D), norm weights: (D,) or both None, cos/sin: (B or 1, T, D),
-// k_cache/v_cache: (B, Hkv, S, D), cache_positions: (T,) int32/int64, q_out: (B, Hq, T, D). One dtype for all
+// k_cache/v_cache: (B, Hkv, S, D), cache_positions: (T,) or (B, T) int32/int64, q_out: (B, Hq, T, D). One dtype for all
 // floating tensors. Writes q_out and the cache slots; slots outside [0, S) are skipped.
 void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
                   std::optional<at::Tensor> const& q_norm_weight, std::optional<at::Tensor> const& k_norm_weight,
@@ -94,9 +95,11 @@ void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
               ", got ", cache_positions.device());
   TORCH_CHECK(cache_positions.scalar_type() == at::kLong || cache_positions.scalar_type() == at::kInt,
               "omni::qk_norm_rope: cache_positions must be int64 or int32, got ", cache_positions.scalar_type());
-  TORCH_CHECK(cache_positions.dim() == 1 && cache_positions.size(0) == T,
-              "omni::qk_norm_rope: cache_positions must have shape (", T, ",), got ", cache_positions.sizes());
-  TORCH_CHECK(cache_positions.stride(0) == 1 || T == 1, "omni::qk_norm_rope: cache_positions must be contiguous");
+  TORCH_CHECK((cache_positions.dim() == 1 && cache_positions.size(0) == T) ||
+                  (cache_positions.dim() == 2 && cache_positions.size(0) == B && cache_positions.size(1) == T),
+              "omni::qk_norm_rope: cache_positions must have shape (", T, ",) or (", B, ", ", T, "), got ",
+              cache_positions.sizes());
+  TORCH_CHECK(cache_positions.stride(-1) == 1 || T == 1, "omni::qk_norm_rope: cache_positions must be contiguous");
   if (B * T == 0) return;
 
   c10::cuda::CUDAGuard const guard(q.device());

@@ -19,7 +19,8 @@ from omni_kernels.silu_mul import silu_mul, silu_mul_ref
 
 __all__ = [
     "add_rms_norm", "add_rms_norm_ref", "apply_rope_ref", "attention", "attention_ref", "BACKENDS", "causal_conv1d",
-    "causal_conv1d_ref", "causal_conv_transpose1d", "causal_conv_transpose1d_ref", "code_predictor_frame", "code_predictor_frame_ref",
+    "causal_conv1d_ref", "causal_conv_transpose1d", "causal_conv_transpose1d_ref", "code_predictor_frame",
+    "code_predictor_frame_ref",
     "decode_attention", "decode_attention_ref", "decoder_step", "decoder_step_ref", "DecoderLayerWeights",
     "DecoderWeights", "fused_moe", "fused_moe_ref", "moe_experts_ref", "moe_route_ref", "mrope_cos_sin_ref",
     "PredictorWeights", "qk_norm_rope", "qk_norm_rope_ref", "rms_norm", "rms_norm_ref", "rope_inv_freq",

@@ -1,7 +1,8 @@
 """Per-head q/k RMSNorm, rotary embedding and KV-cache write: the attention prologue of every Qwen3 layer.
 
 One op because a kernel does all of it in one pass over q/k/v (read once, write q and the cache slots once).
-The cache layout is (B, kv_heads, max_len, head_dim); ``cache_positions`` are the slots the T new tokens occupy.
+The cache layout is (B, kv_heads, max_len, head_dim); ``cache_positions`` are the slots the T new tokens occupy:
+(T,) shared by the batch, or (B, T) per sequence (a batched decode over sequences of different lengths).
 
 The Triton kernel (``_qk_norm_rope_kernel``) takes a tile of [tokens, heads, head_dim] per program, query heads and
 key heads in separate head blocks of one grid. It repeats the reference's roundings: fp32 statistics, the normalised
@@ -36,7 +37,8 @@ def qk_norm_rope_ref(
     v_cache: torch.Tensor,
     cache_positions: torch.Tensor,
 ) -> torch.Tensor:
-    """q: (B, T, Hq, D), k/v: (B, T, Hkv, D), cos/sin: (B, T, D), caches: (B, Hkv, S, D), cache_positions: (T,).
+    """q: (B, T, Hq, D), k/v: (B, T, Hkv, D), cos/sin: (B, T, D), caches: (B, Hkv, S, D), cache_positions: (T,)
+    or (B, T).
 
     Returns the rotated queries (B, Hq, T, D); writes the rotated keys and the values into the caches.
     A norm weight of None skips that norm (Code2Wav's attention has none).
@@ -45,9 +47,20 @@ def qk_norm_rope_ref(
         q, k = rms_norm_ref(q, q_norm_weight, eps), rms_norm_ref(k, k_norm_weight, eps)
     q = apply_rope_ref(q.transpose(1, 2), cos, sin)
     k = apply_rope_ref(k.transpose(1, 2), cos, sin)
-    k_cache.index_copy_(2, cache_positions, k)
-    v_cache.index_copy_(2, cache_positions, v.transpose(1, 2))
+    write_cache(k_cache, v_cache, cache_positions, k, v.transpose(1, 2))
     return q
+
+
+def write_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, cache_positions: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """k, v: (B, Hkv, T, D) into their slots: ``cache_positions`` (T,) for every sequence, or (B, T) each its own."""
+    if cache_positions.dim() == 1:
+        k_cache.index_copy_(2, cache_positions, k)
+        v_cache.index_copy_(2, cache_positions, v)
+        return
+    rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(cache_positions)     # [B, T]
+    k_cache[rows, :, cache_positions] = k.transpose(1, 2)       # advanced indices first: a (B, T, Hkv, D) target
+    v_cache[rows, :, cache_positions] = v.transpose(1, 2)
 
 
 @REGISTRY.register("qk_norm_rope", "torch", everywhere)
@@ -61,8 +74,7 @@ def _qk_norm_rope_torch(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_
     q_heads, kv_heads = q.shape[2], k.shape[2]
     weight = torch.cat([q_norm_weight.expand(q_heads, -1), k_norm_weight.expand(kv_heads, -1)])   # [Hq+Hkv, D]
     qk = apply_rope_ref(rms_norm_ref(torch.cat([q, k], dim=2), weight, eps).transpose(1, 2), cos, sin)
-    k_cache.index_copy_(2, cache_positions, qk[:, q_heads:])
-    v_cache.index_copy_(2, cache_positions, v.transpose(1, 2))
+    write_cache(k_cache, v_cache, cache_positions, qk[:, q_heads:], v.transpose(1, 2))
     return qk[:, :q_heads]                                                                       # [B, Hq, T, D]
 
 
@@ -100,7 +112,7 @@ def _qk_norm_rope_kernel(
     sqb, sqt, sqh, sqd, skb, skt, skh, skd, svb, svt, svh, svd,
     scb, sct, scd, ssb, sst, ssd, sob, soh, sot, sod,
     skcb, skch, skcs, skcd, svcb, svch, svcs, svcd,
-    num_tokens, seq_len, q_heads, kv_heads, head_dim, q_blocks, eps,
+    spb, spt, num_tokens, seq_len, q_heads, kv_heads, head_dim, q_blocks, eps,
     HAS_NORM: tl.constexpr, HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -124,7 +136,7 @@ def _qk_norm_rope_kernel(
     else:
         hk = ((pid_h - q_blocks) * BLOCK_HK + tl.arange(0, BLOCK_HK))[None, :, None]
         k_mask = tok_ok & (hk < kv_heads) & d_ok
-        slot = tl.load(pos_ptr + t, mask=tok_ok, other=0).to(tl.int64)                         # [BT, 1, 1]
+        slot = tl.load(pos_ptr + b * spb + t * spt, mask=tok_ok, other=0).to(tl.int64)         # [BT, 1, 1]
         k_out = _norm_rope_tile(k_ptr, skb, skt, skh, skd, kw_ptr, b, t, hk, d, k_mask, cos, sin, eps, head_dim,
                                 HALF, HAS_NORM, kc_ptr.dtype.element_ty)
         tl.store(kc_ptr + b * skcb + hk * skch + slot * skcs + d * skcd, k_out.to(kc_ptr.dtype.element_ty),
@@ -160,7 +172,8 @@ def _qk_norm_rope_triton_op(
         q, k, v, q_norm_weight if has_norm else q, k_norm_weight if has_norm else q, cos, sin, cache_positions,
         out, k_cache, v_cache, *q.stride(), *k.stride(), *v.stride(), *cos.stride(), *sin.stride(),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), *k_cache.stride(), *v_cache.stride(),
-        B * T, T, Hq, Hkv, D, q_blocks, eps,
+        cache_positions.stride(0) if cache_positions.dim() == 2 else 0, cache_positions.stride(-1), B * T, T, Hq,
+        Hkv, D, q_blocks, eps,
         HAS_NORM=has_norm, HALF=D // 2, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         num_warps=4,
     )
@@ -233,5 +246,9 @@ def qk_norm_rope(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, 
     """See :func:`qk_norm_rope_ref`."""
     if k_cache.shape[1] != k.shape[2] or k_cache.shape[3] != k.shape[3]:
         raise ValueError(f"qk_norm_rope: cache {tuple(k_cache.shape)} does not fit keys {tuple(k.shape)}")
+    B, T = q.shape[:2]
+    if tuple(cache_positions.shape) not in ((T,), (B, T)):
+        raise ValueError(f"qk_norm_rope: cache_positions must be ({T},) or ({B}, {T}), got "
+                         f"{tuple(cache_positions.shape)}")
     return REGISTRY.select("qk_norm_rope", q.device).fn(
         q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions)

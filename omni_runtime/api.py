@@ -11,6 +11,7 @@ from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.engine.talker_runner import TalkerRunner
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, RowPrefill
 from omni_runtime.engine.thinker_runner import ThinkerRunner
 from omni_runtime.layers import fuse_projections
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
@@ -59,6 +60,7 @@ class OmniModel:
                 if decoder is not None:
                     fuse_projections(decoder)
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
+        self.batched_thinker: BatchedThinkerRunner | None = None   # generate_batch's, built on first use
         self.talker_runner = None
         if talker is not None:
             talker_len = min(config.talker.text.max_position_embeddings, max_seq_len + DEFAULT_TALKER_MAX_NEW_TOKENS)
@@ -159,6 +161,69 @@ class OmniModel:
                                                                     dtype=torch.int64, device=self.device),
             audio=torch.cat(audio) if audio else torch.zeros(0))
 
+    def generate_batch(
+        self,
+        prompts: Sequence[torch.Tensor | Sequence[int]],
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        thinker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        max_batch: int = 8,
+    ) -> list[GenerationOutput]:
+        """Text answers to several prompts (each as :meth:`generate` takes ``input_ids``), decoded together:
+        up to ``max_batch`` sequences share each thinker step (a CUDA graph per batch bucket on a GPU). A prompt
+        waits for a free row and takes it as soon as an answer ends. ``thinker_sampling``: one setting for all, or
+        one per prompt (each seeded stream draws as it would alone). Each answer is :meth:`generate`'s for that
+        prompt, up to the rounding of GEMMs over more rows (the same greedy tokens in the tests)."""
+        count = len(prompts)
+        samplings = (list(thinker_sampling) if isinstance(thinker_sampling, Sequence)
+                     else [thinker_sampling] * count)
+        if len(samplings) != count:
+            raise ValueError(f"thinker_sampling holds {len(samplings)} settings for {count} prompts")
+        runner = self._batched_thinker(max_batch)
+        checked = []
+        for i, prompt in enumerate(prompts):   # every prompt is checked before any work starts
+            try:
+                checked.append(self._check_prompt(prompt, max_new_tokens, runner.max_len))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        eos = self._eos_ids(eos_token_id)
+        outputs: list[GenerationOutput | None] = [None] * count
+        waiting = list(range(count))[::-1]
+        live: dict[int, tuple[int, ThinkerStream]] = {}                 # row -> (prompt index, its stream)
+        with torch.inference_mode():
+            while waiting or live:
+                while waiting and runner.free_rows():
+                    index = waiting.pop()
+                    row = runner.acquire()
+                    prompt = build_prompt(checked[index], MediaInputs(), self.config,
+                                          self.thinker.model.embed_tokens, None, None)
+                    sampler = Sampler(samplings[index] or SamplingParams(temperature=0.0), self.device)
+                    live[row] = index, ThinkerStream(RowPrefill(runner, row), sampler, checked[index], prompt, eos,
+                                                     max_new_tokens)
+                rows = sorted(live)
+                tokens = torch.cat([live[row][1].draw() for row in rows])                   # [n], one read below
+                for row, token, value in zip(rows, tokens, tokens.tolist()):
+                    index, stream = live[row]
+                    stream.record(token.view(1), value)
+                    if stream.finished:
+                        outputs[index] = GenerationOutput(text_ids=stream.tokens, finish_reason=stream.finish_reason)
+                        runner.release(row)
+                        del live[row]
+                going = [i for i, row in enumerate(rows) if row in live]
+                if going:
+                    logits = runner.decode([rows[i] for i in going], tokens[going])
+                    for i, logit in zip(going, logits):
+                        live[rows[i]][1].logits = logit.view(1, -1)
+        return outputs
+
+    def _batched_thinker(self, max_batch: int) -> BatchedThinkerRunner:
+        """The batched thinker, built on first use (its cache holds ``max_batch`` rows of the thinker's length)."""
+        if self.batched_thinker is None or self.batched_thinker.max_batch != max_batch:
+            self.batched_thinker = None   # the old cache goes before the new one is allocated
+            self.batched_thinker = BatchedThinkerRunner(self.thinker, self.config.thinker_text, max_batch,
+                                                        self.thinker_runner.max_len, self.device, self.dtype)
+        return self.batched_thinker
+
     def stream(
         self,
         input_ids: torch.Tensor | Sequence[int],
@@ -231,7 +296,7 @@ class OmniModel:
                                 first_chunk_frames, chunk_frames)
         return SpeechSession(self, thinker, ids, embeds, media, options, self.decode if self.tokenizer else None)
 
-    def _check_prompt(self, input_ids, max_new_tokens: int) -> torch.Tensor:
+    def _check_prompt(self, input_ids, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
@@ -247,9 +312,10 @@ class OmniModel:
             raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if ids.numel() + max_new_tokens > self.thinker_runner.max_len:
+        max_len = max_len or self.thinker_runner.max_len
+        if ids.numel() + max_new_tokens > max_len:
             raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"{self.thinker_runner.max_len} positions the KV cache was sized for "
+                             f"{max_len} positions the KV cache was sized for "
                              "(from_pretrained(max_seq_len=...))")
         return ids.to(device=self.device, dtype=torch.int64)
 

@@ -20,7 +20,7 @@ class StepContext:
     """What every layer needs for one forward step: rotary tables and where the new tokens go in the cache."""
     cos: torch.Tensor              # [B, T, D]
     sin: torch.Tensor              # [B, T, D]
-    cache_positions: torch.Tensor  # [T] slots of the new tokens
+    cache_positions: torch.Tensor  # [T] slots of the new tokens, or [B, T]: each sequence its own
     kv_len: int                    # cached tokens after this step, new ones included
     seq_lens: torch.Tensor | None = None   # [B] the same, as a tensor: graph-safe decode over the whole cache
 

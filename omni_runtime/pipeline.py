@@ -94,18 +94,27 @@ class ThinkerStream:
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """The next token [1]; its ``is_last`` is ``self.finished`` right after."""
-        token = self.sampler(self.logits, self.ids[:, :self.length])
-        self.tokens.append(int(token))
-        if self.tokens[-1] in self.eos:
+        token = self.draw()
+        self.record(token, int(token))
+        if not self.finished:
+            with self.timer("thinker decode"):
+                self.logits = self.runner.decode(token.view(1, 1))
+        return token
+
+    def draw(self) -> torch.Tensor:
+        """The next token [1] from the current logits, on the device (a batch reads all of its rows' at once)."""
+        return self.sampler(self.logits, self.ids[:, :self.length])
+
+    def record(self, token: torch.Tensor, value: int) -> None:
+        """Takes the drawn ``token`` (``value`` its id): the answer, the finish reason, the penalty's history."""
+        self.tokens.append(value)
+        if value in self.eos:
             self.finish_reason = "eos"
         elif len(self.tokens) == self.max_new_tokens:
             self.finish_reason = "length"
         else:
             self.ids[0, self.length] = token[0]
             self.length += 1
-            with self.timer("thinker decode"):
-                self.logits = self.runner.decode(token.view(1, 1))
-        return token
 
 
 @dataclass

@@ -104,6 +104,38 @@ def test_qk_norm_rope_without_norm_batch_shared_tables_and_mixed_dtypes():
     assert torch.equal(out, ok.qk_norm_rope_ref(q, k, v, None, None, 1e-6, cos_b, sin_b, *caches[1], slots))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("B, T, rows", [(3, 1, [[9], [0], [31]]), (2, 3, [[4, 5, 6], [20, 21, 22]])],
+                         ids=["decode", "three-tokens"])
+def test_qk_norm_rope_per_sequence_slots(B, T, rows, dtype):
+    # (B, T) slots, one row per sequence (a batched decode over sequences of different lengths): each row lands
+    # where the (T,) slots of that sequence alone would put it; the reference against row-by-row calls, the kernel
+    # against the reference; int32 and a strided slot tensor too
+    Hq, Hkv, D, S = 4, 2, 64, 40
+    slots = torch.tensor(rows, device=DEVICE)
+    q, k, v = fused_qkv(B, T, Hq, Hkv, D, dtype)
+    qw, kw = (1 + 0.2 * torch.randn(2, D, device=DEVICE)).to(dtype)
+    cos, sin = mrope_tables(B, torch.arange(T), D, dtype)
+    k_ref, v_ref = kv_cache(B, Hkv, S, D, dtype)
+    q_ref = ok.qk_norm_rope_ref(q, k, v, qw, kw, 1e-6, cos, sin, k_ref, v_ref, slots)
+    k_rows, v_rows = kv_cache(B, Hkv, S, D, dtype)
+    for b in range(B):
+        q_b = ok.qk_norm_rope_ref(q[b:b + 1], k[b:b + 1], v[b:b + 1], qw, kw, 1e-6, cos[b:b + 1], sin[b:b + 1],
+                                  k_rows[b:b + 1], v_rows[b:b + 1], slots[b])
+        assert torch.equal(q_b, q_ref[b:b + 1])
+    assert torch.equal(k_rows, k_ref) and torch.equal(v_rows, v_ref)
+    assert (k_ref[0, :, slots[1]] == 7).all() or B == 1    # row 0's cache is untouched at row 1's slots
+    wide = torch.zeros(B, 2 * T, dtype=torch.int32, device=DEVICE)
+    wide[:, ::2] = slots
+    for given in (slots, wide[:, ::2]):
+        k_cache, v_cache = kv_cache(B, Hkv, S, D, dtype)
+        with ok.use_backend("triton", op="qk_norm_rope"):
+            out = ok.qk_norm_rope(q, k, v, qw, kw, 1e-6, cos, sin, k_cache, v_cache, given)
+        assert_ulps(out, q_ref, QK_ULPS[dtype])
+        assert_ulps(k_cache, k_ref, QK_ULPS[dtype])
+        assert torch.equal(v_cache, v_ref)
+
+
 # ------------------------------------------------------------------------------------------------ prefill attention
 def check_attention(q, k, v, causal=True, window=None, cu_seqlens=None):
     # the launcher itself: the dispatched op sends plain causal prefill on a GPU to SDPA (measured faster)

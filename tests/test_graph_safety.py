@@ -106,3 +106,14 @@ def test_code2wav_push_reads_nothing_back(model):
         with NoHostReads():          # what Code2WavChunkGraph captures (the checks before it run on the host)
             wav = runner.stream.decode_checked(codes)
     assert wav.shape[0] == 1 and wav.numel() > 0
+
+
+def test_batched_thinker_step_reads_nothing_back(model):
+    from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
+    runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 4, 32, model.device, model.dtype)
+    step = runner._step(4)
+    rows = torch.arange(4)
+    with torch.inference_mode(), ok.use_backend("triton"), NoHostReads():
+        logits = step(torch.tensor([[3], [5], [7], [9]]), (rows[None, :, None] + 4.0).expand(3, 4, 1),
+                      rows.view(4, 1) + 4, (rows + 5).int())
+    assert logits.shape == (4, model.config.thinker_text.vocab_size)

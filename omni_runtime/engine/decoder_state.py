@@ -16,10 +16,10 @@ from omni_runtime.layers import DecoderLayer, StepContext
 
 class DecoderState:
     def __init__(self, cfg: MoeTextConfig, max_len: int, device: torch.device, dtype: torch.dtype,
-                 multimodal_rope: bool = True):
+                 multimodal_rope: bool = True, batch: int = 1):
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.cache = StaticKVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, max_len, dtype,
-                                   device)
+                                   device, batch)
         self.inv_freq = ok.rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(device)
         self.mrope_section = cfg.mrope_section if multimodal_rope else None
         self.next_position: torch.Tensor | None = None   # [3, 1, 1] or [1, 1]

@@ -121,12 +121,16 @@ class DecodeStepGraph:
     def __call__(self, *xs: torch.Tensor):
         state = self.state
         slot = state.cache.reserve(1)        # bookkeeping on the host; the kernels read the tensors below
-        for buffer, x in zip(self.inputs, xs, strict=True):
-            buffer.copy_(x)
         self.position.copy_(state.next_position)
         self.slot.copy_(slot)
         self.seq_len.fill_(state.cache.length)
         state.next_position = state.next_position + 1
+        return self.launch(*xs)
+
+    def launch(self, *xs: torch.Tensor):
+        """The step on inputs ``xs`` at the position, slot and length the buffers hold: replayed once captured."""
+        for buffer, x in zip(self.inputs, xs, strict=True):
+            buffer.copy_(x)
         if not self.capture:
             return self._run()
         if self.graph is None:
@@ -189,6 +193,26 @@ class DecodeStepGraph:
             replayed.append(flat(self.outputs))
         if not all(torch.equal(a, b) for e, r in zip(eager, replayed) for a, b in zip(e, r)):
             raise RuntimeError("sampled outputs replayed from the graph differ from eager ones from the same state")
+
+
+class BatchStepGraph(DecodeStepGraph):
+    """A decode step over ``batch`` rows of a cache, each row at its own position, slot and length (the caller's:
+    ``__call__(x, positions, slots, seq_lens)``); one per batch bucket of the batched thinker."""
+
+    def __init__(self, step: Callable[..., torch.Tensor], state: DecoderState, input_like: torch.Tensor,
+                 batch: int, capture: bool = True, warmup: int = 2):
+        super().__init__(step, state, input_like, capture, warmup)
+        device = state.device
+        rows = (3, batch, 1) if state.mrope_section else (batch, 1)
+        self.position = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.slot = torch.zeros(batch, 1, dtype=torch.int64, device=device)      # (B, T) cache positions
+        self.seq_len = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seq_lens: torch.Tensor):
+        self.position.copy_(positions)
+        self.slot.copy_(slots)
+        self.seq_len.copy_(seq_lens)
+        return self.launch(x)
 
 
 class Code2WavChunkGraph:

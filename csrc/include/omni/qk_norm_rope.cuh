@@ -39,7 +39,8 @@ struct QKNormRopeParams {
   T const* k_weight;  // (D,)
   T const* cos;       // (B, T, D)
   T const* sin;       // (B, T, D)
-  void const* cache_positions;  // (T,) int64, or int32 when positions_int32
+  void const* cache_positions;  // (T,) or (B, T) int64, or int32 when positions_int32
+  int64_t pos_sb;               // positions' batch stride: 0 when (T,), shared by the batch
   T* k_cache;         // (B, Hkv, S, D)
   T* v_cache;         // (B, Hkv, S, D)
   T* q_out;           // (B, Hq, T, D)
@@ -103,8 +104,9 @@ __global__ void QKNormRopeKernel(QKNormRopeParams<T> const p, int const lanes, i
   if (is_q) {
     y = p.q_out + b * p.qo_sb + h * p.qo_sh + t * p.qo_st;
   } else {
-    int64_t const slot = p.positions_int32 ? static_cast<int64_t>(static_cast<int32_t const*>(p.cache_positions)[t])
-                                           : static_cast<int64_t const*>(p.cache_positions)[t];
+    int64_t const i = b * p.pos_sb + t;
+    int64_t const slot = p.positions_int32 ? static_cast<int64_t>(static_cast<int32_t const*>(p.cache_positions)[i])
+                                           : static_cast<int64_t const*>(p.cache_positions)[i];
     if (slot < 0 || slot >= p.cache_len) return;
     y = p.k_cache + b * p.kc_sb + g * p.kc_sh + slot * p.kc_ss;
     // the value row is a plain copy: 2 * chunks vectors

@@ -1,0 +1,98 @@
+"""Batched thinker decoding (``OmniModel.generate_batch``): each answer is the one ``generate`` gives its prompt alone,
+with rows freed and refilled as answers end, prompts of different lengths, per-prompt sampling, and padded rows."""
+import pytest
+import torch
+
+from omni_runtime import OmniModel, SamplingParams
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, batch_buckets
+from test_thinker_parity import IM_END, chat_prompt
+
+
+@pytest.fixture(scope="module")
+def model(reference_checkpoint):
+    return OmniModel.from_pretrained(reference_checkpoint()[0])
+
+
+def prompts(count: int) -> list[torch.Tensor]:
+    return [chat_prompt(seed, user_len=7 + 5 * seed) for seed in range(count)]   # 19..39 tokens
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+
+
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_batch_answers_equal_single_answers(model, max_batch):
+    # 5 prompts: with 3 rows two wait and take rows as answers end; an EOS that prompt 1's answer holds makes that
+    # row end early (its row is refilled while the others go on).
+    batch = prompts(5)
+    alone = [model.generate(p, max_new_tokens=10, eos_token_id=IM_END).text_ids for p in batch]
+    eos = alone[1][3]
+    expected = [model.generate(p, max_new_tokens=10, eos_token_id=[IM_END, eos]) for p in batch]
+    assert expected[1].finish_reason == "eos" and len(expected[1].text_ids) <= 4
+    got = model.generate_batch(batch, max_new_tokens=10, eos_token_id=[IM_END, eos], max_batch=max_batch)
+    assert [g.text_ids for g in got] == [e.text_ids for e in expected]
+    assert [g.finish_reason for g in got] == [e.finish_reason for e in expected]
+    runner = model.batched_thinker
+    assert not any(runner.live) and set(runner.steps) <= set(batch_buckets(max_batch))
+
+
+def test_batch_logits_match_single_decode(model):
+    # the step itself: rows at different lengths and positions, a padded row in the bucket (3 live rows -> 4)
+    runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 4, 64, model.device, model.dtype)
+    single = model.thinker_runner
+    from omni_runtime.multimodal import MediaInputs, build_prompt
+    rows, expected, last = [], [], []
+    with torch.inference_mode():
+        for prompt in prompts(3):
+            inputs = build_prompt(prompt[0], MediaInputs(), model.config, model.thinker.model.embed_tokens, None,
+                                  None)
+            row = runner.acquire()
+            logits, _ = runner.prefill(row, inputs)
+            token = logits.argmax(-1)
+            single.prefill(inputs)
+            expected.append(single.decode(token.view(1, 1)))
+            rows.append(row)
+            last.append(token)
+        logits = runner.decode(rows, torch.cat(last))
+    assert runner.steps.keys() == {4}
+    torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_sampling_per_prompt(model):
+    batch = prompts(3)
+    settings = [SamplingParams(temperature=0.8, top_k=20, seed=s) for s in (1, 2, 3)]
+    alone = [model.generate(p, max_new_tokens=8, eos_token_id=IM_END, thinker_sampling=s).text_ids
+             for p, s in zip(batch, settings)]
+    got = model.generate_batch(batch, max_new_tokens=8, eos_token_id=IM_END, thinker_sampling=settings, max_batch=2)
+    assert [g.text_ids for g in got] == alone
+
+
+def test_bad_batches_are_named(model):
+    good = chat_prompt(0)
+    with pytest.raises(ValueError, match="prompt 1: input_ids holds ids outside the vocabulary"):
+        model.generate_batch([good, torch.tensor([[10**9]])])
+    with pytest.raises(ValueError, match="prompt 0: .*exceeds"):
+        model.generate_batch([good], max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="2 settings for 1 prompts"):
+        model.generate_batch([good], thinker_sampling=[SamplingParams(), SamplingParams()])
+    with pytest.raises(ValueError, match="max_batch"):
+        model.generate_batch([good], max_batch=0)
+    assert model.generate_batch([]) == []
+    assert len(model.generate_batch([good], max_new_tokens=2)[0].text_ids) == 2   # still works afterwards
+
+
+@pytest.mark.gpu
+def test_batch_step_graphs_replay_like_eager(reference_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = OmniModel.from_pretrained(reference_checkpoint()[0], device="cuda", dtype=torch.bfloat16)
+    batch = [p.cuda() for p in prompts(5)]
+    graphed = model.generate_batch(batch, max_new_tokens=10, eos_token_id=IM_END, max_batch=4)
+    assert all(step.graph is not None for step in model.batched_thinker.steps.values())
+    model.batched_thinker.capture = False
+    model.batched_thinker.steps.clear()
+    eager = model.generate_batch(batch, max_new_tokens=10, eos_token_id=IM_END, max_batch=4)
+    assert [g.text_ids for g in graphed] == [e.text_ids for e in eager]
