@@ -163,17 +163,18 @@ class OmniModel:
 
     def generate_batch(
         self,
-        prompts: Sequence[torch.Tensor | Sequence[int]],
+        prompts: Sequence[torch.Tensor | Sequence[int] | dict],
         max_new_tokens: int = 32,
         eos_token_id: int | Sequence[int] | None = None,
         thinker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         max_batch: int = 8,
     ) -> list[GenerationOutput]:
-        """Text answers to several prompts (each as :meth:`generate` takes ``input_ids``), decoded together:
-        up to ``max_batch`` sequences share each thinker step (a CUDA graph per batch bucket on a GPU). A prompt
-        waits for a free row and takes it as soon as an answer ends. ``thinker_sampling``: one setting for all, or
-        one per prompt (each seeded stream draws as it would alone). Each answer is :meth:`generate`'s for that
-        prompt, up to the rounding of GEMMs over more rows (the same greedy tokens in the tests)."""
+        """Text answers to several prompts, decoded together: up to ``max_batch`` sequences share each thinker step
+        (a CUDA graph per batch bucket on a GPU). A prompt is ``input_ids`` as :meth:`generate` takes them, or a
+        dict of :meth:`generate`'s ``input_ids`` and media arguments (what :meth:`prepare` returns). A prompt waits
+        for a free row and takes it as soon as an answer ends. ``thinker_sampling``: one setting for all, or one per
+        prompt (each seeded stream draws as it would alone). Each answer is :meth:`generate`'s for that prompt, up
+        to the rounding of GEMMs over more rows (the same greedy tokens in the tests)."""
         count = len(prompts)
         samplings = (list(thinker_sampling) if isinstance(thinker_sampling, Sequence)
                      else [thinker_sampling] * count)
@@ -182,39 +183,60 @@ class OmniModel:
         runner = self._batched_thinker(max_batch)
         checked = []
         for i, prompt in enumerate(prompts):   # every prompt is checked before any work starts
+            kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
             try:
-                checked.append(self._check_prompt(prompt, max_new_tokens, runner.max_len))
+                if "input_ids" not in kwargs:
+                    raise ValueError("a prompt dict needs input_ids")
+                ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, runner.max_len)
+                checked.append((ids, MediaInputs.from_kwargs(kwargs)))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         eos = self._eos_ids(eos_token_id)
         outputs: list[GenerationOutput | None] = [None] * count
         waiting = list(range(count))[::-1]
         live: dict[int, tuple[int, ThinkerStream]] = {}                 # row -> (prompt index, its stream)
-        with torch.inference_mode():
-            while waiting or live:
-                while waiting and runner.free_rows():
-                    index = waiting.pop()
-                    row = runner.acquire()
-                    prompt = build_prompt(checked[index], MediaInputs(), self.config,
-                                          self.thinker.model.embed_tokens, None, None)
-                    sampler = Sampler(samplings[index] or SamplingParams(temperature=0.0), self.device)
-                    live[row] = index, ThinkerStream(RowPrefill(runner, row), sampler, checked[index], prompt, eos,
-                                                     max_new_tokens)
-                rows = sorted(live)
-                tokens = torch.cat([live[row][1].draw() for row in rows])                   # [n], one read below
-                for row, token, value in zip(rows, tokens, tokens.tolist()):
-                    index, stream = live[row]
-                    stream.record(token.view(1), value)
-                    if stream.finished:
-                        outputs[index] = GenerationOutput(text_ids=stream.tokens, finish_reason=stream.finish_reason)
-                        runner.release(row)
-                        del live[row]
-                going = [i for i, row in enumerate(rows) if row in live]
-                if going:
-                    logits = runner.decode([rows[i] for i in going], tokens[going])
-                    for i, logit in zip(going, logits):
-                        live[rows[i]][1].logits = logit.view(1, -1)
+        try:
+            with torch.inference_mode():
+                while waiting or live:
+                    while waiting and runner.free_rows():
+                        index = waiting.pop()
+                        ids, media = checked[index]
+                        try:   # media that disagree with their placeholders fail here
+                            prompt = build_prompt(ids, media, self.config, self.thinker.model.embed_tokens,
+                                                  self.audio_encoder, self.vision_encoder)
+                        except ValueError as e:
+                            raise ValueError(f"prompt {index}: {e}") from None
+                        sampler = Sampler(samplings[index] or SamplingParams(temperature=0.0), self.device)
+                        row = runner.acquire()
+                        try:
+                            stream = ThinkerStream(RowPrefill(runner, row), sampler, ids, prompt, eos, max_new_tokens)
+                        except BaseException:
+                            runner.release(row)
+                            raise
+                        live[row] = index, stream
+                    self._batch_step(runner, live, outputs)
+        finally:   # an error (or an interrupt) leaves every row free for the next batch
+            for row in live:
+                runner.release(row)
         return outputs
+
+    @staticmethod
+    def _batch_step(runner: BatchedThinkerRunner, live: dict, outputs: list) -> None:
+        """Draws every live row's next token (one host read for all), retires finished answers, decodes the rest."""
+        rows = sorted(live)
+        tokens = torch.cat([live[row][1].draw() for row in rows])                               # [n]
+        for row, token, value in zip(rows, tokens, tokens.tolist()):
+            index, stream = live[row]
+            stream.record(token.view(1), value)
+            if stream.finished:
+                outputs[index] = GenerationOutput(text_ids=stream.tokens, finish_reason=stream.finish_reason)
+                runner.release(row)
+                del live[row]
+        going = [i for i, row in enumerate(rows) if row in live]
+        if going:
+            logits = runner.decode([rows[i] for i in going], tokens[going])
+            for i, logit in zip(going, logits):
+                live[rows[i]][1].logits = logit.view(1, -1)
 
     def _batched_thinker(self, max_batch: int) -> BatchedThinkerRunner:
         """The batched thinker, built on first use (its cache holds ``max_batch`` rows of the thinker's length)."""

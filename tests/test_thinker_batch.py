@@ -96,3 +96,21 @@ def test_batch_step_graphs_replay_like_eager(reference_checkpoint):
     model.batched_thinker.steps.clear()
     eager = model.generate_batch(batch, max_new_tokens=10, eos_token_id=IM_END, max_batch=4)
     assert [g.text_ids for g in graphed] == [e.text_ids for e in eager]
+
+
+def test_media_prompts_in_a_batch(reference_checkpoint):
+    # audio, image and video prompts (dicts, as prepare() returns them) beside a text one: each answer is its own
+    from test_multimodal_parity import CASES, chat, media_inputs
+    model = OmniModel.from_pretrained(reference_checkpoint()[0])
+    batch = [{"input_ids": torch.tensor([chat(CASES[case]).ids]), **media_inputs(chat(CASES[case]))}
+             for case in ("audio", "image", "video with its audio")] + [chat_prompt(3)]
+    alone = [model.generate(**p, max_new_tokens=6, eos_token_id=IM_END) if isinstance(p, dict) else
+             model.generate(p, max_new_tokens=6, eos_token_id=IM_END) for p in batch]
+    got = model.generate_batch(batch, max_new_tokens=6, eos_token_id=IM_END, max_batch=2)
+    assert [g.text_ids for g in got] == [a.text_ids for a in alone]
+    bad = dict(batch[0], input_features=batch[0]["input_features"][:, :, :10])   # fewer frames than placeholders
+    with pytest.raises(ValueError, match="prompt 1: "):
+        model.generate_batch([batch[1], bad, batch[2]], max_new_tokens=2, max_batch=2)
+    assert not any(model.batched_thinker.live)   # the failed batch gave its rows back
+    with pytest.raises(ValueError, match="prompt 0: unknown generate arguments"):
+        model.generate_batch([{"input_ids": chat_prompt(0), "pixels": None}])
