@@ -1,5 +1,6 @@
 // Element types the kernels take (float, __half, __nv_bfloat16): widening to fp32, rounding back to nearest even,
-// and N elements moved as one vector. Shared by every header in this folder; knows nothing about torch.
+// N elements moved as one vector, and warp-wide reductions. Shared by every header in this folder; knows nothing
+// about torch.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,5 +31,15 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// Butterfly reductions over a full warp: every lane ends with the result.
+__device__ __forceinline__ float WarpMax(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
 }  // namespace omni

@@ -90,15 +90,6 @@ inline bool MoeUsesPrefill(int num_tokens) { return num_tokens > kMoeDecodeMaxTo
 
 namespace moe_detail {
 
-__device__ __forceinline__ float WarpMax(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // The reference's epilogues, in its rounding order (see the file comment).
 template <typename T>
 __device__ __forceinline__ T SiluMul(float gate, float up) {
