@@ -99,6 +99,15 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def decoder_stack(layers: nn.ModuleList, final_norm: RMSNorm, x: torch.Tensor, ctx: StepContext, cache) -> torch.Tensor:
+    """x: [B, T, H] layer-0 inputs through every layer -> ``final_norm`` of the last layer's output."""
+    h = layers[0].input_layernorm(x)
+    for index, layer in enumerate(layers):
+        following = layers[index + 1].input_layernorm if index + 1 < len(layers) else final_norm
+        x, h = layer.fused_forward(x, h, ctx, cache.layer(index), following)
+    return h
+
+
 def _fuse(*projections: nn.Linear) -> torch.Tensor:
     """Concatenates bias-free projections' weights along the output rows and re-points each weight at its rows."""
     fused = torch.cat([p.weight.detach() for p in projections])
@@ -149,9 +158,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.fused_forward(x, self.input_layernorm(x), ctx, cache)[0]
+
+    def fused_forward(self, x: torch.Tensor, h: torch.Tensor, ctx: StepContext,
+                      cache: tuple[torch.Tensor, torch.Tensor],
+                      next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream [B, T, H], h: this layer's normed input -> (the stream after the layer, and
+        ``next_norm`` of it: the next layer's input norm, or the final one). Each residual add is one kernel with
+        the norm that follows it (``add_rms_norm``): the reference's roundings, one launch fewer per add."""
         norm = self.post_attention_layernorm
-        x, h = ok.add_rms_norm(x, self.self_attn(self.input_layernorm(x), ctx, cache), norm.weight, norm.eps)
-        return x + self.mlp(h)
+        x, h = ok.add_rms_norm(x, self.self_attn(h, ctx, cache), norm.weight, norm.eps)
+        if next_norm is None:
+            return x + self.mlp(h), None
+        return ok.add_rms_norm(x, self.mlp(h), next_norm.weight, next_norm.eps)
 
     def step_weights(self) -> ok.DecoderLayerWeights:
         """This layer's weights as the one-call decode step (``ok.decoder_step``) takes them: views, no copies."""

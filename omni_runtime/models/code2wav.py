@@ -304,10 +304,14 @@ class TransformerLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(cfg.hidden_size)
         self.mlp_layer_scale = LayerScale(cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                stream: StreamState | None = None) -> torch.Tensor:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cos, sin, stream))
-        return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                stream: StreamState | None, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, h: its input norm [B, T, H] -> (the stream after the layer, ``next_norm`` of it).
+        Each residual add is one kernel with the norm after it (``add_rms_norm``, the reference's roundings)."""
+        post = self.post_attention_layernorm
+        x, h = ok.add_rms_norm(x, self.self_attn_layer_scale(self.self_attn(h, cos, sin, stream)), post.weight,
+                               post.eps)
+        return ok.add_rms_norm(x, self.mlp_layer_scale(self.mlp(h)), next_norm.weight, next_norm.eps)
 
 
 class PreTransformer(nn.Module):
@@ -331,9 +335,11 @@ class PreTransformer(nn.Module):
             start = 0 if stream is None else stream.position
             positions = torch.arange(start, start + x.shape[1], device=x.device)[None]
         cos, sin = ok.mrope_cos_sin_ref(positions, self.inv_freq(x.device), None, x.dtype)   # [1, T, D]
-        for layer in self.layers:
-            x = layer(x, cos, sin, stream)                                             # [B, T, H]
-        return self.norm(x)
+        h = self.layers[0].input_layernorm(x)
+        for index, layer in enumerate(self.layers):
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            x, h = layer(x, h, cos, sin, stream, following)                            # [B, T, H]
+        return h
 
 
 # --- the model ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch import nn
 
 from omni_runtime.config import MoeTextConfig, TalkerConfig
 from omni_runtime.kv_cache import StaticKVCache
-from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext
+from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext, decoder_stack
 
 
 class ResizeMLP(nn.Module):
@@ -34,9 +34,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, cache: StaticKVCache) -> torch.Tensor:
-        for index, layer in enumerate(self.layers):
-            x = layer(x, ctx, cache.layer(index))   # [B, T, H]
-        return self.norm(x)
+        return decoder_stack(self.layers, self.norm, x, ctx, cache)                    # [B, T, H]
 
 
 class TalkerModel(Decoder):

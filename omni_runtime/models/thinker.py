@@ -9,7 +9,7 @@ from torch import nn
 
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.kv_cache import StaticKVCache
-from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext
+from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext, decoder_stack
 from omni_runtime.multimodal import Deepstack
 
 
@@ -25,15 +25,21 @@ class ThinkerTextModel(nn.Module):
         """x: [B, T, H] layer-0 inputs -> (final-norm hidden [B, T, H], hidden state number ``capture_layer``:
         the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``, taken before
         the DeepStack features of that layer are added)."""
+        if capture_layer is None and deepstack is None:
+            return decoder_stack(self.layers, self.norm, x, ctx, cache), None
         captured = x if capture_layer == 0 else None
+        h = self.layers[0].input_layernorm(x)
         for index, layer in enumerate(self.layers):
-            x = layer(x, ctx, cache.layer(index))   # [B, T, H]
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            stacked = deepstack is not None and index < len(deepstack.features)
+            x, h = layer.fused_forward(x, h, ctx, cache.layer(index), None if stacked else following)  # [B, T, H]
             if index + 1 == capture_layer:
                 captured = x
-            if deepstack is not None and index < len(deepstack.features):
+            if stacked:   # the next norm sees the stream with this layer's DeepStack features added
                 x = x.clone()
                 x[:, deepstack.mask] = x[:, deepstack.mask] + deepstack.features[index].to(x.dtype)
-        return self.norm(x), captured
+                h = following(x)
+        return h, captured
 
 
 class Thinker(nn.Module):
