@@ -104,7 +104,7 @@ def decoder_stack(layers: nn.ModuleList, final_norm: RMSNorm, x: torch.Tensor, c
     h = layers[0].input_layernorm(x)
     for index, layer in enumerate(layers):
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else final_norm
-        x, h = layer.fused_forward(x, h, ctx, cache.layer(index), following)
+        x, h = layer(x, h, ctx, cache.layer(index), following)
     return h
 
 
@@ -157,12 +157,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return self.fused_forward(x, self.input_layernorm(x), ctx, cache)[0]
-
-    def fused_forward(self, x: torch.Tensor, h: torch.Tensor, ctx: StepContext,
-                      cache: tuple[torch.Tensor, torch.Tensor],
-                      next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, ctx: StepContext, cache: tuple[torch.Tensor, torch.Tensor],
+                next_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: the residual stream [B, T, H], h: this layer's normed input -> (the stream after the layer, and
         ``next_norm`` of it: the next layer's input norm, or the final one). Each residual add is one kernel with
         the norm that follows it (``add_rms_norm``): the reference's roundings, one launch fewer per add."""

@@ -162,7 +162,6 @@ class SpeechSession:
             return (yield from self._finish())
         # The first frame's predictor runs alone, so that its audio leaves before the next talker step; every later
         # frame is one call: talker step, codebook-0 draw, predictor (one graph replay on a GPU).
-        yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1)
         with self.timer("code predictor"):
             residuals, frame_embed = self.runner.predict_residuals(hidden, code0, opts.predictor_sampler)
         for step in range(opts.talker_max_new_tokens - 1):

@@ -9,7 +9,7 @@ from torch import nn
 
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.kv_cache import StaticKVCache
-from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext, decoder_stack
+from omni_runtime.layers import DecoderLayer, RMSNorm, StepContext
 from omni_runtime.multimodal import Deepstack
 
 
@@ -25,14 +25,12 @@ class ThinkerTextModel(nn.Module):
         """x: [B, T, H] layer-0 inputs -> (final-norm hidden [B, T, H], hidden state number ``capture_layer``:
         the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``, taken before
         the DeepStack features of that layer are added)."""
-        if capture_layer is None and deepstack is None:
-            return decoder_stack(self.layers, self.norm, x, ctx, cache), None
         captured = x if capture_layer == 0 else None
         h = self.layers[0].input_layernorm(x)
         for index, layer in enumerate(self.layers):
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             stacked = deepstack is not None and index < len(deepstack.features)
-            x, h = layer.fused_forward(x, h, ctx, cache.layer(index), None if stacked else following)  # [B, T, H]
+            x, h = layer(x, h, ctx, cache.layer(index), None if stacked else following)   # [B, T, H]
             if index + 1 == capture_layer:
                 captured = x
             if stacked:   # the next norm sees the stream with this layer's DeepStack features added
