@@ -25,7 +25,12 @@ IM_START, IM_END, NEWLINE, USER, ASSISTANT = 151644, 151645, 198, 872, 77091
 
 
 def parse_args():
-    p = model_parser(__doc__)
+    return speech_parser(__doc__).parse_args()
+
+
+def speech_parser(doc: str):
+    """The flags of a speech benchmark: thinker size (``model_parser``), talker size, answer lengths, full size."""
+    p = model_parser(doc)
     p.add_argument("--talker-hidden", type=int, default=48, help="talker and code predictor width")
     p.add_argument("--talker-layers", type=int, default=2)
     p.add_argument("--talker-experts", type=int, default=8)
@@ -36,11 +41,11 @@ def parse_args():
                    help="the released model's sizes with random weights built on the device (ours only; GPU)")
     p.add_argument("--thinker-layers", type=int, default=48,
                    help="with --full-size: thinker layers (fewer fit an 80 GB H100 beside the talker)")
-    return p.parse_args()
+    return p
 
 
-def prompt_ids(length: int = 40) -> torch.Tensor:
-    words = torch.randint(1000, 150000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+def prompt_ids(length: int = 40, seed: int = 0) -> torch.Tensor:
+    words = torch.randint(1000, 150000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
     return torch.tensor([[IM_START, USER, NEWLINE, *words, IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]])
 
 

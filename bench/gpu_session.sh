@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU lease, one call: build the CUDA extension for the card present, run the GPU suite, then the benchmarks.
 #
-#   bash bench/gpu_session.sh [STEP...]   (no argument: build gpu_tests e2e_full talker_frame moe thinker_batch test)
+#   bash bench/gpu_session.sh [STEP...]
+#   (no argument: build gpu_tests e2e_full talker_frame concurrent moe thinker_batch test)
 #   steps: build, gpu_tests (pytest -m gpu: CUDA ops, graphs, bf16 parity), test (the whole suite on the GPU: Triton
 #   kernels on device), kernels (= moe attention code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
 #   tune
@@ -19,7 +20,7 @@ mkdir -p "$out"
 deadline=${DEADLINE:-540}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build gpu_tests e2e_full talker_frame moe thinker_batch test)
+[ ${#steps[@]} -eq 0 ] && steps=(build gpu_tests e2e_full talker_frame concurrent moe thinker_batch test)
 summary=()
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -78,6 +79,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
       step e2e_full 300 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
         --thinker-layers "${THINKER_LAYERS:-48}" ;;
     talker_frame) step talker_frame 180 python3 bench/profile_talker_frame.py --device cuda --dtype bfloat16 --full-size ;;
+    concurrent)  # the released sizes at concurrency 1, 4, 8: batched against one request after another
+      step concurrent_speech 200 python3 bench/concurrent_speech.py --device cuda --dtype bfloat16 --full-size \
+        --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 1,4,8 --repeats 1 ;;
     thinker_batch) step thinker_batch 150 python3 bench/thinker_batch.py --device cuda --dtype bfloat16 --full-size \
       --batches 1,2,4,8,16 ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;

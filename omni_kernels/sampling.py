@@ -46,9 +46,24 @@ def sample_ref(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: 
     """logits: [B, V] fp32 -> tokens [B] int64. top_k 0 and top_p 1.0 are off."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sample_rows_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    generators: list[torch.Generator]) -> torch.Tensor:
+    """``sample_ref`` of each row from its own generator: logits [B, V] fp32 -> tokens [B]. The warpers run once over
+    all rows (each row's bits are its own, as alone); only the draws go row by row, so each row draws what it would
+    alone from its generator (a batch of concurrent streams, one seed each)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = _probs(logits, temperature, top_k, top_p)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])
+
+
+def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     logits = logits / temperature
     if top_k:
         logits = apply_top_k(logits, top_k)
     if top_p < 1.0:
         logits = apply_top_p(logits, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)

@@ -10,6 +10,8 @@ import torch
 from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
+from omni_runtime.engine.talker_batch import BatchedTalkerRunner
+from omni_runtime.engine.talker_prompt import assistant_start
 from omni_runtime.engine.talker_runner import TalkerRunner
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, RowPrefill
 from omni_runtime.engine.thinker_runner import ThinkerRunner
@@ -23,8 +25,9 @@ from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfi
 from omni_runtime.multimodal import MediaInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import (IncrementalText, SpeechOptions, SpeechSession, StageTimer, StreamEvent,
-                                   ThinkerStream)
+                                   ThinkerStream, step_thinker_rows)
 from omni_runtime.sampling import Sampler, SamplingParams
+from omni_runtime.speech_batch import SpeechBatch, SpeechRequest
 
 # Top-level parts of a Qwen3-Omni checkpoint, and the encoders loaded apart from the thinker's text model.
 COMPONENTS = ("thinker.", "talker.", "code2wav.")
@@ -47,6 +50,25 @@ class GenerationOutput:
     sample_rate: int = SAMPLE_RATE
 
 
+@dataclass
+class SpokenParts:
+    """One spoken answer's events, gathered into a ``GenerationOutput``."""
+    text: list[int] = field(default_factory=list)
+    codes: list[torch.Tensor] = field(default_factory=list)
+    audio: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, event: StreamEvent) -> None:
+        self.text += event.text_ids
+        self.codes += [] if event.codes is None else [event.codes]
+        self.audio += [] if event.audio is None else [event.audio]
+
+    def output(self, finish_reason: str, code_groups: int, device: torch.device) -> GenerationOutput:
+        codes = (torch.cat(self.codes, dim=1) if self.codes else
+                 torch.zeros(code_groups, 0, dtype=torch.int64, device=device))
+        audio = torch.cat(self.audio) if self.audio else torch.zeros(0)
+        return GenerationOutput(self.text, finish_reason, codes, audio)
+
+
 class OmniModel:
     def __init__(self, config: OmniConfig, modules: dict, device: torch.device,
                  dtype: torch.dtype, max_seq_len: int):
@@ -61,6 +83,7 @@ class OmniModel:
                     fuse_projections(decoder)
         self.thinker_runner = ThinkerRunner(thinker, config.thinker_text, max_seq_len, device, dtype)
         self.batched_thinker: BatchedThinkerRunner | None = None   # generate_batch's, built on first use
+        self.batched_talker: BatchedTalkerRunner | None = None     # the same, for spoken answers
         self.talker_runner = None
         if talker is not None:
             talker_len = min(config.talker.text.max_position_embeddings, max_seq_len + DEFAULT_TALKER_MAX_NEW_TOKENS)
@@ -68,6 +91,7 @@ class OmniModel:
         # On a GPU one static stream for every answer, its pushes replaying CUDA graphs once its buffers exist; on a
         # CPU a fresh exact stream per answer.
         self.code2wav_runner = None
+        self.code2wav_pool: list[Code2WavRunner] = []   # per row of the batched talker, built as rows are used
         if self.code2wav is not None and device.type == "cuda":
             self.code2wav_runner = Code2WavRunner(self.code2wav)
 
@@ -120,9 +144,16 @@ class OmniModel:
     def decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None
 
-    def code2wav_stream(self) -> Code2WavStream | Code2WavRunner:
-        """A new Code2Wav stream (``push``/``flush``); on a GPU the runner's, restarted."""
-        return self.code2wav_runner.start() if self.code2wav_runner is not None else Code2WavStream(self.code2wav)
+    def code2wav_stream(self, slot: int | None = None) -> Code2WavStream | Code2WavRunner:
+        """A new Code2Wav stream (``push``/``flush``); on a GPU a runner's, restarted: the single pipeline's, or with
+        ``slot`` the one of that row of the batched talker (concurrent answers, each its own static stream)."""
+        if self.code2wav_runner is None:
+            return Code2WavStream(self.code2wav)
+        if slot is None:
+            return self.code2wav_runner.start()
+        while len(self.code2wav_pool) <= slot:
+            self.code2wav_pool.append(Code2WavRunner(self.code2wav))
+        return self.code2wav_pool[slot].start()
 
     def generate(
         self,
@@ -150,16 +181,10 @@ class OmniModel:
             return GenerationOutput(text_ids=thinker.tokens, finish_reason=thinker.finish_reason)
         session = self._speech_session(input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
                                        talker_max_new_tokens, talker_sampling, code_predictor_sampling)
-        text, codes, audio = [], [], []
+        parts = SpokenParts()
         for event in session.events():
-            text += event.text_ids
-            codes += [] if event.codes is None else [event.codes]
-            audio += [] if event.audio is None else [event.audio]
-        return GenerationOutput(
-            text_ids=text, finish_reason=session.thinker.finish_reason,
-            codes=torch.cat(codes, dim=1) if codes else torch.zeros(self.config.talker.num_code_groups, 0,
-                                                                    dtype=torch.int64, device=self.device),
-            audio=torch.cat(audio) if audio else torch.zeros(0))
+            parts.add(event)
+        return parts.output(session.thinker.finish_reason, self.config.talker.num_code_groups, self.device)
 
     def generate_batch(
         self,
@@ -168,32 +193,34 @@ class OmniModel:
         eos_token_id: int | Sequence[int] | None = None,
         thinker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
         max_batch: int = 8,
+        return_audio: bool = False,
+        speaker: str | Sequence[str] = "ethan",
+        talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
+        talker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        code_predictor_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationOutput]:
-        """Text answers to several prompts, decoded together: up to ``max_batch`` sequences share each thinker step
-        (a CUDA graph per batch bucket on a GPU). A prompt is ``input_ids`` as :meth:`generate` takes them, or a
-        dict of :meth:`generate`'s ``input_ids`` and media arguments (what :meth:`prepare` returns). A prompt waits
-        for a free row and takes it as soon as an answer ends. ``thinker_sampling``: one setting for all, or one per
-        prompt (each seeded stream draws as it would alone). Each answer is :meth:`generate`'s for that prompt, up
-        to the rounding of GEMMs over more rows (the same greedy tokens in the tests)."""
-        count = len(prompts)
-        samplings = (list(thinker_sampling) if isinstance(thinker_sampling, Sequence)
-                     else [thinker_sampling] * count)
-        if len(samplings) != count:
-            raise ValueError(f"thinker_sampling holds {len(samplings)} settings for {count} prompts")
+        """Answers to several prompts, decoded together: up to ``max_batch`` sequences share each thinker step
+        (a CUDA graph per batch bucket on a GPU) and, with ``return_audio=True``, each talker frame (see
+        :meth:`stream_batch`). A prompt is ``input_ids`` as :meth:`generate` takes them, or a dict of
+        :meth:`generate`'s ``input_ids`` and media arguments (what :meth:`prepare` returns). A prompt waits for a
+        free row and takes it as soon as an answer ends. ``thinker_sampling``, ``speaker``, ``talker_sampling`` and
+        ``code_predictor_sampling``: one for all, or one per prompt (each seeded stream draws as it would alone).
+        Each answer is :meth:`generate`'s for that prompt, up to the rounding of GEMMs over more rows (the same
+        greedy tokens and codes in the tests)."""
+        if return_audio:
+            parts = [SpokenParts() for _ in prompts]
+            batch = self._speech_batch(prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
+                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling)
+            for index, event in batch.events():
+                parts[index].add(event)
+            return [p.output(batch.finish_reasons[i], self.config.talker.num_code_groups, self.device)
+                    for i, p in enumerate(parts)]
+        samplings = _per_prompt(thinker_sampling, len(prompts), "thinker_sampling")
         runner = self._batched_thinker(max_batch)
-        checked = []
-        for i, prompt in enumerate(prompts):   # every prompt is checked before any work starts
-            kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
-            try:
-                if "input_ids" not in kwargs:
-                    raise ValueError("a prompt dict needs input_ids")
-                ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, runner.max_len)
-                checked.append((ids, MediaInputs.from_kwargs(kwargs)))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+        checked = self._check_prompts(prompts, max_new_tokens, runner.max_len)
         eos = self._eos_ids(eos_token_id)
-        outputs: list[GenerationOutput | None] = [None] * count
-        waiting = list(range(count))[::-1]
+        outputs: list[GenerationOutput | None] = [None] * len(prompts)
+        waiting = list(range(len(prompts)))[::-1]
         live: dict[int, tuple[int, ThinkerStream]] = {}                 # row -> (prompt index, its stream)
         try:
             with torch.inference_mode():
@@ -220,23 +247,79 @@ class OmniModel:
                 runner.release(row)
         return outputs
 
+    def stream_batch(
+        self,
+        prompts: Sequence[torch.Tensor | Sequence[int] | dict],
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        thinker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        max_batch: int = 8,
+        speaker: str | Sequence[str] = "ethan",
+        talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
+        talker_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        code_predictor_sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 4,
+        timer: StageTimer | None = None,
+    ) -> Iterator[tuple[int, StreamEvent]]:
+        """Spoken answers to several prompts at once: yields ``(prompt index, event)`` as each answer's text and
+        audio become final; per prompt, the events concatenate to what :meth:`stream` yields for it alone. Up to
+        ``max_batch`` answers share every thinker step and every talker frame (speech_batch.py); a prompt waits for
+        free rows and takes them as soon as an answer ends. Arguments as for :meth:`generate_batch` and
+        :meth:`stream`. Stopping the iteration early releases everything."""
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
+        batch = self._speech_batch(prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
+                                   talker_max_new_tokens, talker_sampling, code_predictor_sampling, first_chunk_frames,
+                                   chunk_frames, timer)
+        yield from batch.events()
+
+    def _speech_batch(self, prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
+                      talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
+                      chunk_frames=4, timer=None) -> SpeechBatch:
+        count = len(prompts)
+        thinker_samplings = _per_prompt(thinker_sampling, count, "thinker_sampling")
+        speakers = [speaker] * count if isinstance(speaker, str) else _per_prompt(speaker, count, "speaker")
+        talker_samplings = _per_prompt(talker_sampling, count, "talker_sampling")
+        predictor_samplings = _per_prompt(predictor_sampling, count, "code_predictor_sampling")
+        thinker = self._batched_thinker(max_batch)
+        talker = self._batched_talker(max_batch)
+        requests = []
+        for i, (ids, media) in enumerate(self._check_prompts(prompts, max_new_tokens, thinker.max_len)):
+            try:
+                assistant_start(ids, self.config.tokens)
+                self._check_talker_room(ids, talker_max_new_tokens, talker.max_len)
+                options = self._speech_options(speakers[i], talker_max_new_tokens, talker_samplings[i],
+                                               predictor_samplings[i], first_chunk_frames, chunk_frames)
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            sampler = Sampler(thinker_samplings[i] or SamplingParams(temperature=0.0), self.device)
+            requests.append(SpeechRequest(ids, media, sampler, max_new_tokens, options))
+        return SpeechBatch(self, thinker, talker, requests, self._eos_ids(eos_token_id), timer)
+
+    def _check_prompts(self, prompts, max_new_tokens: int, max_len: int) -> list[tuple[torch.Tensor, MediaInputs]]:
+        """Every prompt of a batch checked before any work starts: (ids, media) each, or a ValueError naming it."""
+        checked = []
+        for i, prompt in enumerate(prompts):
+            kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
+            try:
+                if "input_ids" not in kwargs:
+                    raise ValueError("a prompt dict needs input_ids")
+                ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, max_len)
+                checked.append((ids, MediaInputs.from_kwargs(kwargs)))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return checked
+
     @staticmethod
     def _batch_step(runner: BatchedThinkerRunner, live: dict, outputs: list) -> None:
-        """Draws every live row's next token (one host read for all), retires finished answers, decodes the rest."""
-        rows = sorted(live)
-        tokens = torch.cat([live[row][1].draw() for row in rows])                               # [n]
-        for row, token, value in zip(rows, tokens, tokens.tolist()):
+        """Every live row's next token; finished answers give back their rows."""
+        for row, _ in step_thinker_rows(runner, {row: stream for row, (_, stream) in live.items()}):
             index, stream = live[row]
-            stream.record(token.view(1), value)
             if stream.finished:
                 outputs[index] = GenerationOutput(text_ids=stream.tokens, finish_reason=stream.finish_reason)
                 runner.release(row)
                 del live[row]
-        going = [i for i, row in enumerate(rows) if row in live]
-        if going:
-            logits = runner.decode([rows[i] for i in going], tokens[going])
-            for i, logit in zip(going, logits):
-                live[rows[i]][1].logits = logit.view(1, -1)
 
     def _batched_thinker(self, max_batch: int) -> BatchedThinkerRunner:
         """The batched thinker, built on first use (its cache holds ``max_batch`` rows of the thinker's length)."""
@@ -245,6 +328,18 @@ class OmniModel:
             self.batched_thinker = BatchedThinkerRunner(self.thinker, self.config.thinker_text, max_batch,
                                                         self.thinker_runner.max_len, self.device, self.dtype)
         return self.batched_thinker
+
+    def _batched_talker(self, max_batch: int) -> BatchedTalkerRunner:
+        """The batched talker, built on first use (``max_batch`` rows of the talker's length)."""
+        if self.talker is None:
+            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+        if self.batched_talker is None or self.batched_talker.max_batch != max_batch:
+            self.batched_talker = None
+            single = self.talker_runner
+            self.batched_talker = BatchedTalkerRunner(self.talker, self.config.talker, max_batch, single.max_len,
+                                                      self.device, self.dtype, single.code0_suppress,
+                                                      single.frame_weights)
+        return self.batched_talker
 
     def stream(
         self,
@@ -297,8 +392,17 @@ class OmniModel:
                         chunk_frames=4, timer=None) -> SpeechSession:
         if self.talker is None:
             raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
-        cfg = self.config.talker
-        speaker_id = cfg.speaker_id(speaker)
+        options = self._speech_options(speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
+                                       first_chunk_frames, chunk_frames)
+        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
+                                                   capture_layer=self.config.talker.accept_hidden_layer, timer=timer)
+        self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
+        return SpeechSession(self, thinker, ids, embeds, media, options, self.decode if self.tokenizer else None)
+
+    def _speech_options(self, speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
+                        first_chunk_frames, chunk_frames) -> SpeechOptions:
+        """One answer's speech settings (fresh samplers: each answer draws from its own seeds)."""
+        speaker_id = self.config.talker.speaker_id(speaker)
         if talker_max_new_tokens < 1:
             raise ValueError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
         talker_sampling = talker_sampling or DEFAULT_TALKER_SAMPLING
@@ -306,17 +410,16 @@ class OmniModel:
             predictor_sampling = talker_sampling if talker_sampling.greedy else DEFAULT_PREDICTOR_SAMPLING
             if talker_sampling.seed is not None:
                 predictor_sampling = SamplingParams(**{**predictor_sampling.__dict__, "seed": talker_sampling.seed + 1})
-        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
-                                                   capture_layer=cfg.accept_hidden_layer, timer=timer)
-        needed = ids.numel() + 9 + talker_max_new_tokens
-        if needed > self.talker_runner.max_len:
-            raise ValueError(f"prompt ({ids.numel()} tokens) + talker_max_new_tokens ({talker_max_new_tokens}) "
-                             f"exceeds the {self.talker_runner.max_len} positions of the talker's KV cache")
         suppress = self.talker_runner.code0_suppress   # codec specials are never drawn, except the end of speech
-        options = SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
-                                Sampler(predictor_sampling, self.device), talker_max_new_tokens,
-                                first_chunk_frames, chunk_frames)
-        return SpeechSession(self, thinker, ids, embeds, media, options, self.decode if self.tokenizer else None)
+        return SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
+                             Sampler(predictor_sampling, self.device), talker_max_new_tokens, first_chunk_frames,
+                             chunk_frames)
+
+    @staticmethod
+    def _check_talker_room(ids: torch.Tensor, talker_max_new_tokens: int, max_len: int) -> None:
+        if ids.numel() + 9 + talker_max_new_tokens > max_len:
+            raise ValueError(f"prompt ({ids.numel()} tokens) + talker_max_new_tokens ({talker_max_new_tokens}) "
+                             f"exceeds the {max_len} positions of the talker's KV cache")
 
     def _check_prompt(self, input_ids, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
         ids = torch.as_tensor(input_ids)
@@ -345,6 +448,14 @@ class OmniModel:
         if eos_token_id is None:
             return set(self.config.eos_token_ids)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    """One setting for every prompt, or a sequence of one per prompt."""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} holds {len(values)} settings for {count} prompts")
+    return values
 
 
 def _components(config: OmniConfig, files: dict) -> list[tuple[str, str, callable]]:

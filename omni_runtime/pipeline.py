@@ -117,6 +117,22 @@ class ThinkerStream:
             self.length += 1
 
 
+def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[int, torch.Tensor]]:
+    """One step of every stream of a batched thinker (``streams``: row -> its unfinished stream): draws each row's
+    next token (one host read for all), records it, decodes the rows still going -> [(row, token [1])]."""
+    rows = sorted(streams)
+    tokens = torch.cat([streams[row].draw() for row in rows])                                  # [n]
+    for row, token, value in zip(rows, tokens, tokens.tolist()):
+        streams[row].record(token.view(1), value)
+    going = [i for i, row in enumerate(rows) if not streams[row].finished]
+    if going:
+        with streams[rows[0]].timer("thinker decode"):
+            logits = runner.decode([rows[i] for i in going], tokens[going])
+        for i, logit in zip(going, logits):
+            streams[rows[i]].logits = logit.view(1, -1)
+    return [(row, tokens[i:i + 1]) for i, row in enumerate(rows)]
+
+
 @dataclass
 class SpeechOptions:
     speaker_id: int
@@ -140,9 +156,7 @@ class SpeechSession:
         self.text.add_prompt(prompt_embeds[:, assistant_start(ids, model.config.tokens):])
         self.runner = model.talker_runner
         self.timer = thinker.timer
-        self.code2wav = model.code2wav_stream()
-        self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
-        self.frames_sent = 0
+        self.packets = AudioPackets(model.code2wav_stream(), options, self.timer)
 
     def events(self) -> Iterator[StreamEvent]:
         with torch.inference_mode():
@@ -165,8 +179,8 @@ class SpeechSession:
         with self.timer("code predictor"):
             residuals, frame_embed = self.runner.predict_residuals(hidden, code0, opts.predictor_sampler)
         for step in range(opts.talker_max_new_tokens - 1):
-            self.pending.append(torch.cat([code0, residuals]))
-            yield from self._audio(final=False)
+            self.packets.add(torch.cat([code0, residuals]))
+            yield from self.packets.events(final=False)
             if step == opts.talker_max_new_tokens - 2:
                 break
             yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1 + step)
@@ -179,7 +193,7 @@ class SpeechSession:
         yield from self._finish()
 
     def _finish(self) -> Iterator[StreamEvent]:
-        yield from self._audio(final=True)
+        yield from self.packets.events(final=True)
         while not self.thinker.finished:   # the talker ended before the text
             yield self._text_event(self.thinker.step())
 
@@ -193,7 +207,21 @@ class SpeechSession:
         ids = [int(token)]
         return StreamEvent(text_ids=ids, text=self.detokenizer.push(ids) if self.detokenizer else None)
 
-    def _audio(self, final: bool) -> Iterator[StreamEvent]:
+
+class AudioPackets:
+    """An answer's finished frames -> its Code2Wav stream, in chunks of ``first_chunk_frames`` and then
+    ``chunk_frames``; each push's samples are final (the stream carries its state, nothing is decoded twice)."""
+
+    def __init__(self, code2wav, options: SpeechOptions, timer: StageTimer):
+        self.code2wav, self.options, self.timer = code2wav, options, timer
+        self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
+        self.frames_sent = 0
+
+    def add(self, frame: torch.Tensor) -> None:
+        self.pending.append(frame)
+
+    def events(self, final: bool) -> Iterator[StreamEvent]:
+        """The packet due now (``final``: whatever is pending, then the stream's tail)."""
         want = self.options.first_chunk_frames if self.frames_sent == 0 else self.options.chunk_frames
         if self.pending and (final or len(self.pending) >= want):
             codes = torch.stack(self.pending, dim=1)                       # [16, n]

@@ -117,3 +117,32 @@ def test_batched_thinker_step_reads_nothing_back(model):
         logits = step(torch.tensor([[3], [5], [7], [9]]), (rows[None, :, None] + 4.0).expand(3, 4, 1),
                       rows.view(4, 1) + 4, (rows + 5).int())
     assert logits.shape == (4, model.config.thinker_text.vocab_size)
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_batched_talker_frame_reads_nothing_back(model, sampled):
+    # What a GPU captures per bucket of the batched talker: every row's talker step, its own codebook-0 draw over its
+    # own history row, and the predictor's 15 steps for all rows (the module path: no C++ frame weights given).
+    from omni_runtime.engine.talker_batch import BatchedTalkerRunner
+    cfg, cpu = model.config.talker, torch.device("cpu")
+    runner = BatchedTalkerRunner(model.talker, cfg, 4, 32, cpu, model.dtype, model.talker_runner.code0_suppress)
+    talker = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05) if sampled else \
+        SamplingParams(temperature=0.0, repetition_penalty=1.05)
+    predictor = SamplingParams(temperature=1.0, top_k=50, top_p=0.8) if sampled else SamplingParams(temperature=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), ok.use_backend("triton"):
+        for row in range(4):
+            assert runner.acquire() == row
+            prompt = 0.02 * torch.randn(1, 6 + row, cfg.text.hidden_size, generator=generator)
+            logits, _ = runner.prefill(row, prompt, torch.arange(6 + row).view(1, 1, -1).expand(3, 1, -1))
+            runner.begin_answer(row, Sampler(talker, cpu, runner.code0_suppress),
+                                Sampler(predictor, cpu))
+            runner.sample_code0(row, logits)
+        seen = runner.code0_seen.clone()
+        with NoHostReads():
+            code0, residuals, embeds = runner._step(4)(
+                0.02 * torch.randn(4, 1, cfg.text.hidden_size, generator=generator), runner.next_positions,
+                runner.lengths.view(4, 1), (runner.lengths + 1).int())
+        expected = seen.scatter_(1, code0.view(4, 1), True)
+    assert residuals.shape == (4, cfg.num_code_groups - 1) and embeds.shape == (4, 1, cfg.text.hidden_size)
+    assert torch.equal(runner.code0_seen, expected)   # each row's history took its own code

@@ -34,6 +34,25 @@ def test_a_given_generator_draws_as_a_seeded_sampler():
     assert [int(own(logits)) for _ in range(20)] == [int(given(logits)) for _ in range(20)]
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.9, top_k=50, top_p=0.8, repetition_penalty=1.3),
+                                    SamplingParams(temperature=1.0), SamplingParams(temperature=0.0, top_k=5)])
+def test_rows_draw_from_their_own_generators_as_alone(params):
+    # a batch of concurrent streams: warped together, each row drawn from its own generator gives that row's
+    # stream alone, draw after draw
+    cpu = torch.device("cpu")
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(0))
+    seen = torch.rand(5, 3000, generator=torch.Generator().manual_seed(1)) < 0.1
+    suppress = torch.zeros(3000, dtype=torch.bool)
+    suppress[-100:] = True
+    batched = Sampler(params, cpu, suppress)
+    rows = [torch.Generator().manual_seed(7 + i) for i in range(5)]
+    alone = [Sampler(params, cpu, suppress, generator=torch.Generator().manual_seed(7 + i)) for i in range(5)]
+    for _ in range(3):
+        got = batched.draw_rows(logits, rows, seen)
+        expected = torch.cat([alone[i](logits[i:i + 1], seen=seen[i:i + 1]) for i in range(5)])
+        assert torch.equal(got, expected) and (got < 2900).all()
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(4, 300)
     for params in (SamplingParams(temperature=0.7, top_k=1, seed=0), SamplingParams(temperature=1.3, top_p=1e-6)):

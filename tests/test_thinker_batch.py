@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from omni_runtime import OmniModel, SamplingParams
-from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, batch_buckets
+from omni_runtime.engine.batch_rows import batch_buckets
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from test_thinker_parity import IM_END, chat_prompt
 
 

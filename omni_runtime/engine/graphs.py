@@ -197,11 +197,13 @@ class DecodeStepGraph:
 
 class BatchStepGraph(DecodeStepGraph):
     """A decode step over ``batch`` rows of a cache, each row at its own position, slot and length (the caller's:
-    ``__call__(x, positions, slots, seq_lens)``); one per batch bucket of the batched thinker."""
+    ``__call__(x, positions, slots, seq_lens)``); one per batch bucket of the batched thinker and talker (the
+    talker's per bucket and sampling settings: its frame draws from per-row generators, ``generators``)."""
 
-    def __init__(self, step: Callable[..., torch.Tensor], state: DecoderState, input_like: torch.Tensor,
-                 batch: int, capture: bool = True, warmup: int = 2):
-        super().__init__(step, state, input_like, capture, warmup)
+    def __init__(self, step: Callable[..., torch.Tensor | tuple], state: DecoderState, input_like: torch.Tensor,
+                 batch: int, capture: bool = True, warmup: int = 2, generators: tuple[torch.Generator, ...] = (),
+                 buffers: tuple[torch.Tensor, ...] = ()):
+        super().__init__(step, state, input_like, capture, warmup, generators, buffers)
         device = state.device
         rows = (3, batch, 1) if state.mrope_section else (batch, 1)
         self.position = torch.zeros(rows, dtype=torch.float32, device=device)

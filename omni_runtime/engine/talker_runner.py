@@ -205,7 +205,7 @@ class TalkerRunner:
         generator = sampler.generator if self.predictor_generator is None else self.predictor_generator
         if (self.frame_weights is not None and sampler.suppress is None
                 and ok.selected_backend("code_predictor_frame", self.state.device) == "cpp"):
-            return self._predict_in_one_call(hidden, code0, sampler, generator)
+            return predict_in_one_call(self.talker, self.frame_weights, hidden, code0, p, generator)
         if p.greedy:
             return self.predictor_graph(hidden, code0)
         if self.predictor_generator is None:
@@ -217,14 +217,6 @@ class TalkerRunner:
                 lambda hidden, code0: self._predict(hidden, code0, drawing), self.cfg.text.hidden_size,
                 self.state.dtype, self.state.device, generator=self.predictor_generator)
         return self.sampled_predictor_graphs[key](hidden, code0)
-
-    def _predict_in_one_call(self, hidden: torch.Tensor, code0: torch.Tensor, sampler: Sampler,
-                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        p = sampler.params
-        prefix = torch.cat([hidden[0], self.talker.model.codec_embedding(code0)])                # [2, H]
-        codes, embed_sum = ok.code_predictor_frame(prefix, self.frame_weights, p.temperature, p.top_k, p.top_p,
-                                                   generator)
-        return codes, embed_sum.view(1, 1, -1)
 
     def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
                  sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,3 +230,13 @@ class TalkerRunner:
             x = predictor.model.codec_embedding[group](codes[-1].view(1, 1))
             embeds.append(x)
         return torch.cat(codes), torch.cat(embeds, dim=1).sum(1, keepdim=True)
+
+
+def predict_in_one_call(talker: Talker, weights: ok.PredictorWeights, hidden: torch.Tensor, code0: torch.Tensor,
+                        params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One predictor frame through ``ok.code_predictor_frame`` (the C++ twin on a CPU): hidden [1, 1, H],
+    code0 [1] -> (codes of codebooks 1..Q-1 [Q-1], frame embedding [1, 1, H])."""
+    prefix = torch.cat([hidden[0], talker.model.codec_embedding(code0)])                      # [2, H]
+    codes, embed_sum = ok.code_predictor_frame(prefix, weights, params.temperature, params.top_k, params.top_p,
+                                               generator)
+    return codes, embed_sum.view(1, 1, -1)

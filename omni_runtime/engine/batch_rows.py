@@ -1,0 +1,108 @@
+"""Rows of one static KV cache, each holding its own sequence at its own length and rotary position: what the
+batched thinker and the batched talker share.
+
+A step runs rows ``0..b-1``, b the smallest bucket (1, 2, 4, ..., max_batch) that covers every live row. A row of the
+bucket without a sequence runs a dummy input into slot 0 of its own (free) row, which the next prefill there
+overwrites: padding touches nothing a sequence reads. Each bucket has its own static step (per-row positions, slots
+and lengths in device tensors): a CUDA graph on a GPU, captured on first use; eager on a CPU. Rows are taken lowest
+first, so a draining batch shrinks its bucket. A prefill runs one sequence alone, over its row of the cache.
+"""
+from __future__ import annotations
+
+import torch
+
+import omni_kernels as ok
+from omni_runtime.config import MoeTextConfig
+from omni_runtime.engine.decoder_state import DecoderState
+from omni_runtime.engine.graphs import BatchStepGraph
+from omni_runtime.layers import StepContext
+
+
+class CacheRows:
+    """Rows ``rows`` of a batched static cache, as the decoders take a cache (``layer(i)`` -> (k, v) views)."""
+
+    def __init__(self, kv: torch.Tensor, rows: slice):
+        self.kv, self.rows = kv, rows
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[0, index, self.rows], self.kv[1, index, self.rows]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two below ``max_batch``, then ``max_batch``: one captured step each."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return sizes + [max_batch]
+
+
+class BatchedRows:
+    """``max_batch`` rows of ``max_len`` slots. Subclasses say what a step computes (``_step``: the static step of
+    one bucket, taking the bucket's inputs, positions, slots and lengths)."""
+
+    name = "batched decoder"
+
+    def __init__(self, cfg: MoeTextConfig, max_batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 capture: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch, self.capture = max_batch, capture
+        self.state = DecoderState(cfg, max_len, device, dtype, batch=max_batch)
+        rows = (3, max_batch, 1) if self.state.mrope_section else (max_batch, 1)
+        self.next_positions = torch.zeros(rows, dtype=torch.float32, device=device)   # each row's next position
+        self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)      # cached tokens per row
+        self.host_lengths = [0] * max_batch                                            # the same, on the host
+        self.live = [False] * max_batch
+        self.buckets = batch_buckets(max_batch)
+
+    @property
+    def max_len(self) -> int:
+        return self.state.cache.max_len
+
+    def free_rows(self) -> int:
+        return self.live.count(False)
+
+    def acquire(self) -> int:
+        """The lowest free row (a new sequence's), or a ValueError when every row is live."""
+        if all(self.live):
+            raise ValueError(f"all {self.max_batch} rows of the {self.name} are in use")
+        row = self.live.index(False)
+        self.live[row] = True
+        return row
+
+    def release(self, row: int) -> None:
+        self.live[row] = False
+        self.lengths[row] = self.host_lengths[row] = 0   # padding steps write slot 0 of this row until a prefill
+
+    def prefill_context(self, row: int, positions: torch.Tensor) -> tuple[StepContext, CacheRows]:
+        """The context of a prompt at ``positions`` ([3, 1, P] or [1, P]) in ``row``, and that row of the cache;
+        the row's length and next position are the prompt's from now on."""
+        state, length = self.state, positions.shape[-1]
+        if length > self.max_len:
+            raise ValueError(f"prompt ({length} tokens) exceeds the {self.max_len} positions of the {self.name}'s "
+                             "cache")
+        cos, sin = ok.mrope_cos_sin_ref(positions, state.inv_freq, state.mrope_section, state.dtype)
+        ctx = StepContext(cos, sin, torch.arange(length, device=state.device), length)
+        self.next_positions[..., row:row + 1, :] = positions[..., -1:] + 1
+        self.lengths[row] = self.host_lengths[row] = length
+        return ctx, CacheRows(state.cache.kv, slice(row, row + 1))
+
+    def step_rows(self, rows: list[int], x: torch.Tensor):
+        """One step of the live sequences in ``rows`` on their inputs ``x`` [n, ...] -> the step's outputs (a tensor
+        or a tuple of tensors, each [n, ...]) for those rows, in their order."""
+        full = [r for r in rows if not self.live[r] or self.host_lengths[r] >= self.max_len]
+        if full:
+            raise ValueError(f"rows {full} are free or hold all {self.max_len} positions of the {self.name}'s cache")
+        batch = next(b for b in self.buckets if b > max(rows))
+        index = torch.tensor(rows, device=self.state.device)
+        padded = x.new_zeros(batch, *x.shape[1:])
+        padded[index] = x
+        lengths = self.lengths[:batch]
+        out = self._step(batch)(padded, self.next_positions[..., :batch, :], lengths.view(batch, 1),
+                                (lengths + 1).int())
+        self.lengths[index] += 1
+        self.next_positions[..., index, :] += 1
+        for r in rows:
+            self.host_lengths[r] += 1
+        return tuple(t[index] for t in out) if isinstance(out, tuple) else out[index]
+
+    def _step(self, batch: int) -> BatchStepGraph:
+        raise NotImplementedError

@@ -1,0 +1,198 @@
+"""Concurrent spoken answers: up to ``max_batch`` requests share every thinker step and every talker frame.
+
+Each tick of the loop advances every live answer by one thinker token (one batched step of the thinker's rows) and
+one speech frame (one batched frame of the talker's rows: talker step, codebook-0 draws, the predictor's 15 steps),
+then sends each answer's finished frames to its own Code2Wav stream. A request is admitted as soon as a thinker row
+and a talker row are free; its prefills run alone. As in the single-request pipeline (pipeline.py) the talker starts
+after the thinker's first two tokens and never waits for the whole text, the first frame's predictor runs right after
+the talker's prefill (together with the other answers that start in the same tick), and an answer keeps its thinker
+row until its text ends and its talker row until its speech ends, whichever comes first freeing its row for the next
+request. Every answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in
+the same order, its own samplers and seeds, its own codebook-0 history.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from omni_runtime.engine.talker_batch import BatchedTalkerRunner
+from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
+                                               talker_prefill_embeds)
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, RowPrefill
+from omni_runtime.multimodal import MediaInputs, build_prompt, talker_positions
+from omni_runtime.pipeline import (AudioPackets, IncrementalText, SpeechOptions, StageTimer, StreamEvent,
+                                   ThinkerStream, step_thinker_rows)
+from omni_runtime.sampling import Sampler
+
+
+@dataclass
+class SpeechRequest:
+    ids: torch.Tensor                 # [P] checked prompt ids
+    media: MediaInputs
+    thinker_sampler: Sampler
+    max_new_tokens: int
+    options: SpeechOptions
+
+
+@dataclass
+class SpokenAnswer:
+    """One admitted request: its thinker stream and row, its talker row while it speaks, its audio packets."""
+    index: int
+    request: SpeechRequest
+    thinker: ThinkerStream
+    thinker_row: int
+    talker_row: int | None
+    prompt_embeds: torch.Tensor
+    text: TextConditioner
+    packets: AudioPackets
+    detokenizer: IncrementalText | None
+    frames: int = 0                                 # frames made so far
+    frame_embed: torch.Tensor | None = None         # the last frame's embedding [1, 1, H] (next talker input)
+    started: bool = False                           # the talker has prefilled
+    speech_done: bool = False
+    events: list[StreamEvent] = field(default_factory=list)
+
+
+class SpeechBatch:
+    def __init__(self, model, thinker: BatchedThinkerRunner, talker: BatchedTalkerRunner,
+                 requests: list[SpeechRequest], eos: set[int], timer: StageTimer | None = None):
+        self.model, self.thinker_rows, self.talker_rows = model, thinker, talker
+        self.requests, self.eos = requests, eos
+        self.timer = timer or StageTimer(model.device)
+        self.waiting = list(range(len(requests)))[::-1]
+        self.live: list[SpokenAnswer] = []
+        self.finish_reasons: dict[int, str] = {}
+
+    def events(self) -> Iterator[tuple[int, StreamEvent]]:
+        """(request index, event) as each becomes final; stopping early gives every row back."""
+        try:
+            with torch.inference_mode():
+                while self.waiting or self.live:
+                    self._admit()
+                    self._thinker_step()
+                    self._talker_frames()    # answers already speaking
+                    self._talker_starts()    # answers whose speech starts now: their first frame
+                    for answer in list(self.live):
+                        for event in answer.events:
+                            yield answer.index, event
+                        answer.events.clear()
+                        if answer.speech_done and answer.thinker.finished:
+                            self._retire(answer)
+        finally:
+            for answer in self.live:
+                self._release_rows(answer)
+            self.live.clear()
+
+    def _admit(self) -> None:
+        cfg = self.model.config
+        while self.waiting and self.thinker_rows.free_rows() and self.talker_rows.free_rows():
+            index = self.waiting.pop()
+            request = self.requests[index]
+            try:   # media that disagree with their placeholders fail here
+                prompt = build_prompt(request.ids, request.media, cfg, self.model.thinker.model.embed_tokens,
+                                      self.model.audio_encoder, self.model.vision_encoder)
+            except ValueError as e:
+                raise ValueError(f"prompt {index}: {e}") from None
+            row = self.thinker_rows.acquire()
+            try:
+                thinker = ThinkerStream(RowPrefill(self.thinker_rows, row), request.thinker_sampler, request.ids,
+                                        prompt, self.eos, request.max_new_tokens, cfg.talker.accept_hidden_layer,
+                                        self.timer)
+            except BaseException:
+                self.thinker_rows.release(row)
+                raise
+            text = TextConditioner(self.model.talker, self.model.thinker.model.embed_tokens, cfg.tokens)
+            text.add_prompt(prompt.embeds[:, assistant_start(request.ids, cfg.tokens):])
+            decode = self.model.decode if self.model.tokenizer else None
+            talker_row = self.talker_rows.acquire()
+            self.live.append(SpokenAnswer(
+                index, request, thinker, row, talker_row, prompt.embeds, text,
+                AudioPackets(self.model.code2wav_stream(slot=talker_row), request.options, self.timer),
+                IncrementalText(decode) if decode else None))
+
+    def _thinker_step(self) -> None:
+        going = {a.thinker_row: a for a in self.live if not a.thinker.finished}
+        if not going:
+            return
+        for row, token in step_thinker_rows(self.thinker_rows, {row: a.thinker for row, a in going.items()}):
+            answer = going[row]
+            answer.text.add_token(token, is_last=answer.thinker.finished)
+            ids = [int(token)]
+            answer.events.append(StreamEvent(text_ids=ids,
+                                             text=answer.detokenizer.push(ids) if answer.detokenizer else None))
+            if answer.thinker.finished:
+                self.finish_reasons[answer.index] = answer.thinker.finish_reason
+
+    def _talker_starts(self) -> None:
+        """Prefills the talker of every answer whose text has reached the first frame's row; their first frames'
+        predictors run together."""
+        cfg, tokens = self.model.config.talker, self.model.config.tokens
+        starting = [a for a in self.live if not a.started and a.text.ready(ASSISTANT_TEXT_ROWS + 1)]
+        predicting = []
+        for answer in starting:
+            request, row = answer.request, answer.talker_row
+            answer.started = True
+            prefill = talker_prefill_embeds(self.model.talker, cfg, tokens, request.ids, answer.prompt_embeds,
+                                            answer.thinker.prompt_hidden, answer.text, request.options.speaker_id)
+            positions = talker_positions(request.ids, request.media, self.model.config, self.model.vision_encoder)
+            with self.timer("talker prefill"):
+                logits, hidden = self.talker_rows.prefill(row, prefill, positions)
+            opts = request.options
+            self.talker_rows.begin_answer(row, opts.talker_sampler, opts.predictor_sampler)
+            code0 = self.talker_rows.sample_code0(row, logits)
+            answer.prompt_embeds = None   # the prompt's embeddings and hidden states are needed no more
+            answer.thinker.prompt_hidden = None
+            if opts.talker_max_new_tokens == 1 or int(code0) == cfg.codec_eos:
+                self._end_speech(answer)
+            else:
+                predicting.append((answer, hidden, code0))
+        if not predicting:
+            return
+        answers = [a for a, _, _ in predicting]
+        with self.timer("code predictor"):
+            residuals, embeds = self.talker_rows.predict([a.talker_row for a in answers],
+                                                         torch.cat([h for _, h, _ in predicting]),
+                                                         torch.cat([c for _, _, c in predicting]))
+        for i, (answer, _, code0) in enumerate(predicting):
+            self._add_frame(answer, torch.cat([code0, residuals[i]]), embeds[i:i + 1])
+
+    def _talker_frames(self) -> None:
+        """One frame of every speaking answer whose next text row is known."""
+        speaking = [a for a in self.live if a.frame_embed is not None and a.text.ready(ASSISTANT_TEXT_ROWS + a.frames)]
+        if not speaking:
+            return
+        embeds = torch.cat([a.frame_embed + a.text.row(ASSISTANT_TEXT_ROWS + a.frames) for a in speaking])
+        with self.timer("talker frame"):
+            code0, residuals, frame_embeds = self.talker_rows.frame([a.talker_row for a in speaking], embeds)
+        eos = self.model.config.talker.codec_eos
+        for i, (answer, value) in enumerate(zip(speaking, code0.tolist())):
+            if value == eos:   # the frame's predictor ran for nothing
+                self._end_speech(answer)
+            else:
+                self._add_frame(answer, torch.cat([code0[i:i + 1], residuals[i]]), frame_embeds[i:i + 1])
+
+    def _add_frame(self, answer: SpokenAnswer, frame: torch.Tensor, frame_embed: torch.Tensor) -> None:
+        answer.frames += 1
+        answer.packets.add(frame)
+        answer.events.extend(answer.packets.events(final=False))
+        if answer.frames == answer.request.options.talker_max_new_tokens - 1:
+            self._end_speech(answer)
+        else:
+            answer.frame_embed = frame_embed
+
+    def _end_speech(self, answer: SpokenAnswer) -> None:
+        answer.speech_done, answer.frame_embed = True, None
+        self.talker_rows.release(answer.talker_row)
+        answer.talker_row = None
+        answer.events.extend(answer.packets.events(final=True))
+
+    def _retire(self, answer: SpokenAnswer) -> None:
+        self.thinker_rows.release(answer.thinker_row)
+        self.live.remove(answer)
+
+    def _release_rows(self, answer: SpokenAnswer) -> None:
+        self.thinker_rows.release(answer.thinker_row)
+        if answer.talker_row is not None:
+            self.talker_rows.release(answer.talker_row)

@@ -1,0 +1,172 @@
+"""Concurrent spoken answers (``OmniModel.generate_batch(return_audio=True)``, ``stream_batch``): each answer's text,
+codes and waveform are the ones ``generate`` gives its prompt alone, with rows freed and refilled as answers end,
+per-prompt speakers and seeds, answers whose speech outlives their text and the other way round."""
+import pytest
+import torch
+
+import omni_kernels as ok
+from omni_runtime import OmniModel, SamplingParams
+from test_speech import GREEDY_TALKER
+from test_thinker_parity import IM_END, chat_prompt
+
+
+@pytest.fixture(scope="module")
+def model(reference_checkpoint):
+    return OmniModel.from_pretrained(reference_checkpoint()[0])
+
+
+def prompts(count: int) -> list[torch.Tensor]:
+    return [chat_prompt(seed, user_len=7 + 5 * seed) for seed in range(count)]   # 19..39 tokens
+
+
+def alone(model, prompt, **kwargs):
+    if isinstance(prompt, dict):
+        return model.generate(**prompt, return_audio=True, **kwargs)
+    return model.generate(prompt, return_audio=True, **kwargs)
+
+
+def assert_same_answers(got, expected):
+    for g, e in zip(got, expected, strict=True):
+        assert g.text_ids == e.text_ids and g.finish_reason == e.finish_reason
+        assert torch.equal(g.codes, e.codes)
+        torch.testing.assert_close(g.audio, e.audio, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("max_batch, predictor", [(1, "cpp"), (3, "cpp"), (8, "cpp"), (3, "torch")])
+def test_batch_speech_equals_single_answers(model, max_batch, predictor):
+    # 5 prompts: with 3 rows two wait and take rows as answers end. An EOS that prompt 1's answer holds ends its text
+    # early, so its speech outlives its text; prompt 3's talker budget is its text's, the others' runs past it.
+    # ``predictor="torch"`` runs the batched module predictor (a GPU's) instead of each row's C++ frame.
+    batch = prompts(5)
+    eos = model.generate(batch[1], max_new_tokens=10, eos_token_id=IM_END).text_ids[3]
+    kwargs = dict(max_new_tokens=10, eos_token_id=[IM_END, eos], talker_max_new_tokens=14,
+                  talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in batch]
+    assert expected[1].finish_reason == "eos" and len(expected[1].text_ids) <= 4
+    with ok.use_backend(predictor, op="code_predictor_frame"):
+        got = model.generate_batch(batch, max_batch=max_batch, return_audio=True, **kwargs)
+    assert_same_answers(got, expected)
+    assert all(g.codes.shape == (16, 13) for g in got)
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+
+
+@pytest.mark.parametrize("predictor", ["cpp", "torch"])
+def test_each_row_keeps_its_own_codebook0_history(model, predictor):
+    # A penalty below 1 favours seen codes, so the codes follow each answer's history (see test_speech): a row's
+    # history must hold its own answer's codes only, from an empty one each time a row is taken again.
+    batch = prompts(3)
+    kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=16,
+                  talker_sampling=SamplingParams(temperature=0.0, repetition_penalty=0.5))
+    expected = [alone(model, p, **kwargs) for p in batch]
+    with ok.use_backend(predictor, op="code_predictor_frame"):
+        assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
+
+
+def test_speech_that_ends_first_or_never_starts(model):
+    # a 2-frame answer beside longer ones frees its talker row while its text goes on; a 1-token talker budget
+    # speaks nothing; a 1-token text still speaks
+    batch = prompts(3)
+    settings = [dict(max_new_tokens=8, talker_max_new_tokens=3), dict(max_new_tokens=8, talker_max_new_tokens=1),
+                dict(max_new_tokens=1, talker_max_new_tokens=6)]
+    for setting in settings:
+        expected = [alone(model, p, eos_token_id=IM_END, talker_sampling=GREEDY_TALKER, **setting) for p in batch]
+        got = model.generate_batch(batch, eos_token_id=IM_END, talker_sampling=GREEDY_TALKER, max_batch=2,
+                                   return_audio=True, **setting)
+        assert_same_answers(got, expected)
+    assert got[0].codes.shape == (16, 5) and len(got[0].text_ids) == 1
+
+
+def test_seeded_sampling_and_speakers_per_prompt(model):
+    batch = prompts(4)
+    thinker = [SamplingParams(temperature=0.8, top_k=20, seed=s) for s in range(4)]
+    talker = [SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=10 + s) for s in range(4)]
+    speakers = ["ethan", "chelsie", "aiden", "ethan"]
+    expected = [alone(model, p, max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
+                      thinker_sampling=a, talker_sampling=b, speaker=c)
+                for p, a, b, c in zip(batch, thinker, talker, speakers)]
+    for predictor in ("cpp", "torch"):
+        with ok.use_backend(predictor, op="code_predictor_frame"):
+            got = model.generate_batch(batch, max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
+                                       thinker_sampling=thinker, talker_sampling=talker, speaker=speakers,
+                                       max_batch=4, return_audio=True)
+        assert_same_answers(got, expected)
+    greedy = model.generate_batch(batch[:1], max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
+                                  talker_sampling=GREEDY_TALKER, return_audio=True)
+    assert not torch.equal(greedy[0].codes, got[0].codes)   # the seeds were drawn from, per row
+
+
+def test_stream_batch_interleaves_answers(model):
+    batch = prompts(3)
+    kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=12, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in batch]
+    text, audio, order = [[] for _ in batch], [[] for _ in batch], []
+    for index, event in model.stream_batch(batch, max_batch=3, first_chunk_frames=1, chunk_frames=2, **kwargs):
+        text[index] += event.text_ids
+        if event.audio is not None:
+            audio[index].append(event.audio)
+            order.append(index)
+    for i, e in enumerate(expected):
+        assert text[i] == e.text_ids
+        torch.testing.assert_close(torch.cat(audio[i]), e.audio, atol=1e-5, rtol=0)   # other chunk sizes
+        assert audio[i][0].numel() == 1920 - 555   # a one-frame first packet
+    assert sorted(order[:3]) == [0, 1, 2]          # every answer's first packet before any second one
+
+
+def test_stopping_early_releases_everything(model):
+    batch = prompts(3)
+    kwargs = dict(max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=8, talker_sampling=GREEDY_TALKER)
+    expected = model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs)
+    for count, _ in enumerate(model.stream_batch(batch, max_batch=2, **kwargs)):
+        if count == 4:
+            break
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
+
+
+def test_media_prompts_speak_in_a_batch(reference_checkpoint):
+    from test_multimodal_parity import CASES, chat, media_inputs
+    model = OmniModel.from_pretrained(reference_checkpoint()[0])
+    batch = [{"input_ids": torch.tensor([chat(CASES[case]).ids]), **media_inputs(chat(CASES[case]))}
+             for case in ("audio", "image", "video with its audio")] + [chat_prompt(3)]
+    kwargs = dict(max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in batch]
+    assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
+
+
+def test_bad_speech_batches_are_named(model):
+    batch = prompts(3)
+    with pytest.raises(ValueError, match="prompt 1: .*assistant"):
+        model.generate_batch([batch[0], batch[1][:, :-3], batch[2]], return_audio=True, talker_max_new_tokens=8)
+    with pytest.raises(ValueError, match="prompt 2: unknown speaker 'nobody'"):
+        model.generate_batch(batch, return_audio=True, talker_max_new_tokens=8, speaker=["ethan", "chelsie", "nobody"])
+    with pytest.raises(ValueError, match="speaker holds 2 settings for 3 prompts"):
+        model.generate_batch(batch, return_audio=True, talker_max_new_tokens=8, speaker=["ethan", "chelsie"])
+    with pytest.raises(ValueError, match="prompt 0: .*talker's KV cache"):
+        model.generate_batch(batch, return_audio=True, talker_max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="chunk"):
+        next(model.stream_batch(batch, talker_max_new_tokens=8, chunk_frames=0))
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    got = model.generate_batch(batch[:1], max_new_tokens=2, talker_max_new_tokens=3, return_audio=True)
+    assert got[0].codes.shape == (16, 2)   # still works afterwards
+
+
+@pytest.mark.gpu
+def test_batched_frame_graphs_replay_like_eager(reference_checkpoint):
+    # On a GPU every bucket's frame replays a CUDA graph (sampled rows draw from their registered row generators):
+    # the same codes as the eager steps, greedy and seeded, and the same as each answer alone.
+    model = OmniModel.from_pretrained(reference_checkpoint()[0], device="cuda", dtype=torch.bfloat16)
+    batch = [p.cuda() for p in prompts(3)]
+    for talker in (GREEDY_TALKER, [SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=s)
+                                   for s in range(3)]):
+        kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=12, talker_sampling=talker,
+                      max_batch=4, return_audio=True)
+        graphed = model.generate_batch(batch, **kwargs)
+        steps = model.batched_talker.steps
+        assert steps and all(step.graph is not None for step in steps.values())
+        model.batched_talker.capture = False
+        steps.clear()
+        eager = model.generate_batch(batch, **kwargs)
+        model.batched_talker.capture = True
+        steps.clear()
+        for g, e in zip(graphed, eager):
+            assert g.text_ids == e.text_ids and torch.equal(g.codes, e.codes)
