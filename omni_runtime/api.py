@@ -13,7 +13,7 @@ from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import assistant_start
 from omni_runtime.engine.talker_runner import TalkerRunner
-from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, RowPrefill
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.engine.thinker_runner import ThinkerRunner
 from omni_runtime.layers import fuse_projections
 from omni_runtime.loader import check_components, checkpoint_files, load_weights
@@ -22,12 +22,12 @@ from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStrea
 from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
-from omni_runtime.multimodal import MediaInputs, build_prompt
+from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import (IncrementalText, SpeechOptions, SpeechSession, StageTimer, StreamEvent,
-                                   ThinkerStream, step_thinker_rows)
+                                   ThinkerStream, start_thinker_rows, step_thinker_rows)
 from omni_runtime.sampling import Sampler, SamplingParams
-from omni_runtime.speech_batch import SpeechBatch, SpeechRequest
+from omni_runtime.speech_batch import SpeechEngine, SpeechRequest
 
 # Top-level parts of a Qwen3-Omni checkpoint, and the encoders loaded apart from the thinker's text model.
 COMPONENTS = ("thinker.", "talker.", "code2wav.")
@@ -225,22 +225,16 @@ class OmniModel:
         try:
             with torch.inference_mode():
                 while waiting or live:
-                    while waiting and runner.free_rows():
-                        index = waiting.pop()
-                        ids, media = checked[index]
-                        try:   # media that disagree with their placeholders fail here
-                            prompt = build_prompt(ids, media, self.config, self.thinker.model.embed_tokens,
-                                                  self.audio_encoder, self.vision_encoder)
-                        except ValueError as e:
-                            raise ValueError(f"prompt {index}: {e}") from None
-                        sampler = Sampler(samplings[index] or SamplingParams(temperature=0.0), self.device)
-                        row = runner.acquire()
-                        try:
-                            stream = ThinkerStream(RowPrefill(runner, row), sampler, ids, prompt, eos, max_new_tokens)
-                        except BaseException:
-                            runner.release(row)
-                            raise
-                        live[row] = index, stream
+                    starts, indices = [], []
+                    while waiting and len(starts) < runner.free_rows():
+                        indices.append(waiting.pop())
+                        ids, media = checked[indices[-1]]
+                        sampler = Sampler(samplings[indices[-1]] or SamplingParams(temperature=0.0), self.device)
+                        starts.append((ids, self._build_prompt(indices[-1], ids, media), sampler, eos,
+                                       max_new_tokens))
+                    if starts:
+                        for index, (row, stream) in zip(indices, start_thinker_rows(runner, starts)):
+                            live[row] = index, stream
                     self._batch_step(runner, live, outputs)
         finally:   # an error (or an interrupt) leaves every row free for the next batch
             for row in live:
@@ -267,49 +261,94 @@ class OmniModel:
         ``max_batch`` answers share every thinker step and every talker frame (speech_batch.py); a prompt waits for
         free rows and takes them as soon as an answer ends. Arguments as for :meth:`generate_batch` and
         :meth:`stream`. Stopping the iteration early releases everything."""
-        if first_chunk_frames < 1 or chunk_frames < 1:
-            raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
         batch = self._speech_batch(prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
                                    talker_max_new_tokens, talker_sampling, code_predictor_sampling, first_chunk_frames,
                                    chunk_frames, timer)
         yield from batch.events()
 
+    def speech_engine(self, max_batch: int = 8, timer: StageTimer | None = None) -> SpeechEngine:
+        """A server's loop for spoken answers (speech_batch.py): ``engine.submit(prompt, **options)`` queues a
+        request whenever one arrives (options as :meth:`stream` takes them) and returns its id; each
+        ``engine.step()`` runs one tick over up to ``max_batch`` live answers and returns the ``(id, event)`` pairs
+        it made final; ``engine.cancel(id)`` drops a request; ``engine.busy`` says whether any waits or runs. The
+        engine uses the model's batched runners: one engine at a time."""
+        return SpeechEngine(self, self._batched_thinker(max_batch), self._batched_talker(max_batch), timer)
+
+    def speech_request(
+        self,
+        prompt: torch.Tensor | Sequence[int] | dict,
+        max_new_tokens: int = 32,
+        eos_token_id: int | Sequence[int] | None = None,
+        thinker_sampling: SamplingParams | None = None,
+        speaker: str = "ethan",
+        talker_max_new_tokens: int = DEFAULT_TALKER_MAX_NEW_TOKENS,
+        talker_sampling: SamplingParams | None = None,
+        code_predictor_sampling: SamplingParams | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 4,
+    ) -> SpeechRequest:
+        """One spoken request, checked (a ValueError names what is wrong) with its own samplers: what
+        ``SpeechEngine.submit`` queues."""
+        if self.talker is None:
+            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+        if first_chunk_frames < 1 or chunk_frames < 1:
+            raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
+        ids, media = self._check_entry(prompt, max_new_tokens, self.thinker_runner.max_len)
+        assistant_start(ids, self.config.tokens)
+        self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
+        options = self._speech_options(speaker, talker_max_new_tokens, talker_sampling, code_predictor_sampling,
+                                       first_chunk_frames, chunk_frames)
+        sampler = Sampler(thinker_sampling or SamplingParams(temperature=0.0), self.device)
+        return SpeechRequest(ids, media, sampler, self._eos_ids(eos_token_id), max_new_tokens, options)
+
     def _speech_batch(self, prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
                       talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
-                      chunk_frames=4, timer=None) -> SpeechBatch:
+                      chunk_frames=4, timer=None) -> SpeechEngine:
+        """An engine with every prompt submitted (each checked first, named by its index)."""
         count = len(prompts)
-        thinker_samplings = _per_prompt(thinker_sampling, count, "thinker_sampling")
-        speakers = [speaker] * count if isinstance(speaker, str) else _per_prompt(speaker, count, "speaker")
-        talker_samplings = _per_prompt(talker_sampling, count, "talker_sampling")
-        predictor_samplings = _per_prompt(predictor_sampling, count, "code_predictor_sampling")
-        thinker = self._batched_thinker(max_batch)
-        talker = self._batched_talker(max_batch)
+        settings = zip(_per_prompt(thinker_sampling, count, "thinker_sampling"),
+                       [speaker] * count if isinstance(speaker, str) else _per_prompt(speaker, count, "speaker"),
+                       _per_prompt(talker_sampling, count, "talker_sampling"),
+                       _per_prompt(predictor_sampling, count, "code_predictor_sampling"))
         requests = []
-        for i, (ids, media) in enumerate(self._check_prompts(prompts, max_new_tokens, thinker.max_len)):
+        for i, (prompt, (thinker, voice, talker, predictor)) in enumerate(zip(prompts, settings)):
             try:
-                assistant_start(ids, self.config.tokens)
-                self._check_talker_room(ids, talker_max_new_tokens, talker.max_len)
-                options = self._speech_options(speakers[i], talker_max_new_tokens, talker_samplings[i],
-                                               predictor_samplings[i], first_chunk_frames, chunk_frames)
+                requests.append(self.speech_request(prompt, max_new_tokens, eos_token_id, thinker, voice,
+                                                    talker_max_new_tokens, talker, predictor, first_chunk_frames,
+                                                    chunk_frames))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            sampler = Sampler(thinker_samplings[i] or SamplingParams(temperature=0.0), self.device)
-            requests.append(SpeechRequest(ids, media, sampler, max_new_tokens, options))
-        return SpeechBatch(self, thinker, talker, requests, self._eos_ids(eos_token_id), timer)
+        engine = self.speech_engine(max_batch, timer)
+        for request in requests:
+            engine.submit_request(request)
+        return engine
+
+    def _build_prompt(self, index: int, ids: torch.Tensor, media: MediaInputs) -> PromptInputs:
+        """Prompt ``index`` of a batch as the thinker takes it; media that disagree with their placeholders fail
+        here, named by the prompt's index."""
+        try:
+            return build_prompt(ids, media, self.config, self.thinker.model.embed_tokens, self.audio_encoder,
+                                self.vision_encoder)
+        except ValueError as e:
+            raise ValueError(f"prompt {index}: {e}") from None
 
     def _check_prompts(self, prompts, max_new_tokens: int, max_len: int) -> list[tuple[torch.Tensor, MediaInputs]]:
         """Every prompt of a batch checked before any work starts: (ids, media) each, or a ValueError naming it."""
         checked = []
         for i, prompt in enumerate(prompts):
-            kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
             try:
-                if "input_ids" not in kwargs:
-                    raise ValueError("a prompt dict needs input_ids")
-                ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, max_len)
-                checked.append((ids, MediaInputs.from_kwargs(kwargs)))
+                checked.append(self._check_entry(prompt, max_new_tokens, max_len))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         return checked
+
+    def _check_entry(self, prompt, max_new_tokens: int, max_len: int) -> tuple[torch.Tensor, MediaInputs]:
+        """A batch's prompt (ids, or a dict of input_ids and media) -> (checked ids, media)."""
+        kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
+        if "input_ids" not in kwargs:
+            raise ValueError("a prompt dict needs input_ids")
+        ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, max_len)
+        return ids, MediaInputs.from_kwargs(kwargs)
 
     @staticmethod
     def _batch_step(runner: BatchedThinkerRunner, live: dict, outputs: list) -> None:
@@ -324,6 +363,7 @@ class OmniModel:
     def _batched_thinker(self, max_batch: int) -> BatchedThinkerRunner:
         """The batched thinker, built on first use (its cache holds ``max_batch`` rows of the thinker's length)."""
         if self.batched_thinker is None or self.batched_thinker.max_batch != max_batch:
+            _check_idle(self.batched_thinker)
             self.batched_thinker = None   # the old cache goes before the new one is allocated
             self.batched_thinker = BatchedThinkerRunner(self.thinker, self.config.thinker_text, max_batch,
                                                         self.thinker_runner.max_len, self.device, self.dtype)
@@ -334,6 +374,7 @@ class OmniModel:
         if self.talker is None:
             raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
         if self.batched_talker is None or self.batched_talker.max_batch != max_batch:
+            _check_idle(self.batched_talker)
             self.batched_talker = None
             single = self.talker_runner
             self.batched_talker = BatchedTalkerRunner(self.talker, self.config.talker, max_batch, single.max_len,
@@ -448,6 +489,12 @@ class OmniModel:
         if eos_token_id is None:
             return set(self.config.eos_token_ids)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _check_idle(runner) -> None:
+    if runner is not None and any(runner.live):
+        raise ValueError(f"the {runner.name} is in use with max_batch={runner.max_batch}: finish or close its batch "
+                         "(or engine) before one with another max_batch")
 
 
 def _per_prompt(value, count: int, name: str) -> list:

@@ -72,14 +72,19 @@ class IncrementalText:
 
 
 class ThinkerStream:
-    """Prefills the thinker on construction; each ``step()`` samples one token and advances the cache."""
+    """Prefills the thinker on construction; each ``step()`` samples one token and advances the cache. A row of a
+    batched thinker comes prefilled and without a runner: ``step_thinker_rows`` steps all rows at once."""
 
     def __init__(self, runner, sampler: Sampler, ids: torch.Tensor, prompt: PromptInputs, eos: set[int],
-                 max_new_tokens: int, capture_layer: int | None = None, timer: StageTimer | None = None):
+                 max_new_tokens: int, capture_layer: int | None = None, timer: StageTimer | None = None,
+                 prefilled: tuple[torch.Tensor, torch.Tensor | None] | None = None):
+        """``prefilled``: what ``runner.prefill`` returned for this prompt already (a batch prefilled together)."""
         self.runner, self.sampler, self.eos, self.max_new_tokens = runner, sampler, eos, max_new_tokens
         self.timer = timer or StageTimer()
-        with self.timer("thinker prefill"):
-            self.logits, self.prompt_hidden = runner.prefill(prompt, capture_layer)
+        if prefilled is None:
+            with self.timer("thinker prefill"):
+                prefilled = runner.prefill(prompt, capture_layer)
+        self.logits, self.prompt_hidden = prefilled
         # Prompt and answer so far, for the repetition penalty: one buffer, filled as tokens come.
         self.ids = torch.empty(1, ids.numel() + max_new_tokens, dtype=torch.int64, device=ids.device)
         self.ids[0, :ids.numel()] = ids
@@ -115,6 +120,25 @@ class ThinkerStream:
         else:
             self.ids[0, self.length] = token[0]
             self.length += 1
+
+
+def start_thinker_rows(runner, starts: list[tuple[torch.Tensor, PromptInputs, Sampler, set[int], int]],
+                       capture_layer: int | None = None,
+                       timer: StageTimer | None = None) -> list[tuple[int, ThinkerStream]]:
+    """New sequences of a batched thinker (``starts``: ids, prompt, sampler, EOS ids and max_new_tokens of each):
+    each takes a free row and all prefill together -> [(row, its stream)]. On an error every row taken is given
+    back."""
+    rows = [runner.acquire() for _ in starts]
+    timer = timer or StageTimer()
+    try:
+        with timer("thinker prefill"):
+            prefilled = runner.prefill_many(rows, [start[1] for start in starts], capture_layer)
+    except BaseException:
+        for row in rows:
+            runner.release(row)
+        raise
+    return [(row, ThinkerStream(None, sampler, ids, prompt, eos, max_new, capture_layer, timer, done))
+            for row, (ids, prompt, sampler, eos, max_new), done in zip(rows, starts, prefilled)]
 
 
 def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[int, torch.Tensor]]:

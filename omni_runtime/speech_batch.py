@@ -1,14 +1,15 @@
 """Concurrent spoken answers: up to ``max_batch`` requests share every thinker step and every talker frame.
 
-Each tick of the loop advances every live answer by one thinker token (one batched step of the thinker's rows) and
-one speech frame (one batched frame of the talker's rows: talker step, codebook-0 draws, the predictor's 15 steps),
-then sends each answer's finished frames to its own Code2Wav stream. A request is admitted as soon as a thinker row
-and a talker row are free; its prefills run alone. As in the single-request pipeline (pipeline.py) the talker starts
-after the thinker's first two tokens and never waits for the whole text, the first frame's predictor runs right after
-the talker's prefill (together with the other answers that start in the same tick), and an answer keeps its thinker
-row until its text ends and its talker row until its speech ends, whichever comes first freeing its row for the next
-request. Every answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in
-the same order, its own samplers and seeds, its own codebook-0 history.
+``SpeechEngine`` is a server's loop: ``submit`` queues a request at any time, each ``step()`` is one tick, ``cancel``
+drops a request (a client that went away) and frees its rows. A tick advances every live answer by one thinker token
+(one batched step of the thinker's rows) and one speech frame (one batched frame of the talker's rows: talker step,
+codebook-0 draws, the predictor's 15 steps), then sends each answer's finished frames to its own Code2Wav stream. A
+request is admitted as soon as a thinker row and a talker row are free; the thinker prefills of the requests admitted
+in one tick run together. As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first
+two tokens and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill
+(together with the other answers that start in the same tick). An answer keeps its thinker row until its text ends
+and its talker row until its speech ends. Every answer is the one the single-request pipeline gives its prompt: the
+same rows of text conditioning in the same order, its own samplers and seeds, its own codebook-0 history.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import torch
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
-from omni_runtime.engine.thinker_batch import BatchedThinkerRunner, RowPrefill
-from omni_runtime.multimodal import MediaInputs, build_prompt, talker_positions
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
+from omni_runtime.multimodal import MediaInputs, talker_positions
 from omni_runtime.pipeline import (AudioPackets, IncrementalText, SpeechOptions, StageTimer, StreamEvent,
-                                   ThinkerStream, step_thinker_rows)
+                                   ThinkerStream, start_thinker_rows, step_thinker_rows)
 from omni_runtime.sampling import Sampler
 
 
@@ -32,6 +33,7 @@ class SpeechRequest:
     ids: torch.Tensor                 # [P] checked prompt ids
     media: MediaInputs
     thinker_sampler: Sampler
+    eos: set[int]
     max_new_tokens: int
     options: SpeechOptions
 
@@ -55,61 +57,91 @@ class SpokenAnswer:
     events: list[StreamEvent] = field(default_factory=list)
 
 
-class SpeechBatch:
+class SpeechEngine:
     def __init__(self, model, thinker: BatchedThinkerRunner, talker: BatchedTalkerRunner,
-                 requests: list[SpeechRequest], eos: set[int], timer: StageTimer | None = None):
+                 timer: StageTimer | None = None):
         self.model, self.thinker_rows, self.talker_rows = model, thinker, talker
-        self.requests, self.eos = requests, eos
         self.timer = timer or StageTimer(model.device)
-        self.waiting = list(range(len(requests)))[::-1]
+        self.requests: list[SpeechRequest] = []
+        self.waiting: list[int] = []                   # request ids, oldest first
         self.live: list[SpokenAnswer] = []
-        self.finish_reasons: dict[int, str] = {}
+        self.finish_reasons: dict[int, str] = {}       # request id -> the thinker's finish reason, once known
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request waits or runs."""
+        return bool(self.waiting or self.live)
+
+    def submit(self, prompt, **options) -> int:
+        """Queues a request (a prompt as ``OmniModel.generate_batch`` takes one, options as ``OmniModel.stream``
+        takes them; checked now, a ValueError names what is wrong) -> its id, the index of its events."""
+        return self.submit_request(self.model.speech_request(prompt, **options))
+
+    def submit_request(self, request: SpeechRequest) -> int:
+        """Queues a checked request (``OmniModel.speech_request``) -> its id."""
+        self.requests.append(request)
+        self.waiting.append(len(self.requests) - 1)
+        return len(self.requests) - 1
+
+    def cancel(self, request_id: int) -> None:
+        """Drops a waiting or running request: its rows are free for the next tick; it yields nothing more."""
+        if request_id in self.waiting:
+            self.waiting.remove(request_id)
+        for answer in [a for a in self.live if a.index == request_id]:
+            self._release_rows(answer)
+            self.live.remove(answer)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, StreamEvent]]:
+        """One tick -> the (request id, event) pairs it made final, each request's in order."""
+        self._admit()
+        self._thinker_step()
+        self._talker_frames()    # answers already speaking
+        self._talker_starts()    # answers whose speech starts now: their first frame
+        out = []
+        for answer in list(self.live):
+            out += [(answer.index, event) for event in answer.events]
+            answer.events.clear()
+            if answer.speech_done and answer.thinker.finished:
+                self._retire(answer)
+        return out
 
     def events(self) -> Iterator[tuple[int, StreamEvent]]:
-        """(request index, event) as each becomes final; stopping early gives every row back."""
+        """Ticks until every request is done, yielding what each makes final; stopping early frees every row."""
         try:
-            with torch.inference_mode():
-                while self.waiting or self.live:
-                    self._admit()
-                    self._thinker_step()
-                    self._talker_frames()    # answers already speaking
-                    self._talker_starts()    # answers whose speech starts now: their first frame
-                    for answer in list(self.live):
-                        for event in answer.events:
-                            yield answer.index, event
-                        answer.events.clear()
-                        if answer.speech_done and answer.thinker.finished:
-                            self._retire(answer)
+            while self.busy:
+                yield from self.step()
         finally:
-            for answer in self.live:
-                self._release_rows(answer)
-            self.live.clear()
+            self.close()
+
+    def close(self) -> None:
+        """Drops every request, freeing all rows."""
+        for answer in self.live:
+            self._release_rows(answer)
+        self.live.clear()
+        self.waiting.clear()
 
     def _admit(self) -> None:
-        cfg = self.model.config
-        while self.waiting and self.thinker_rows.free_rows() and self.talker_rows.free_rows():
-            index = self.waiting.pop()
-            request = self.requests[index]
-            try:   # media that disagree with their placeholders fail here
-                prompt = build_prompt(request.ids, request.media, cfg, self.model.thinker.model.embed_tokens,
-                                      self.model.audio_encoder, self.model.vision_encoder)
-            except ValueError as e:
-                raise ValueError(f"prompt {index}: {e}") from None
-            row = self.thinker_rows.acquire()
-            try:
-                thinker = ThinkerStream(RowPrefill(self.thinker_rows, row), request.thinker_sampler, request.ids,
-                                        prompt, self.eos, request.max_new_tokens, cfg.talker.accept_hidden_layer,
-                                        self.timer)
-            except BaseException:
-                self.thinker_rows.release(row)
-                raise
-            text = TextConditioner(self.model.talker, self.model.thinker.model.embed_tokens, cfg.tokens)
+        """Every waiting request that finds a free thinker row and a free talker row starts: their thinker prefills
+        run together."""
+        model, cfg = self.model, self.model.config
+        indices = []
+        while self.waiting and len(indices) < min(self.thinker_rows.free_rows(), self.talker_rows.free_rows()):
+            indices.append(self.waiting.pop(0))
+        if not indices:
+            return
+        requests = [self.requests[i] for i in indices]
+        starts = [(r.ids, model._build_prompt(i, r.ids, r.media), r.thinker_sampler, r.eos, r.max_new_tokens)
+                  for i, r in zip(indices, requests)]
+        streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer)
+        decode = model.decode if model.tokenizer else None
+        for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
+            text = TextConditioner(model.talker, model.thinker.model.embed_tokens, cfg.tokens)
             text.add_prompt(prompt.embeds[:, assistant_start(request.ids, cfg.tokens):])
-            decode = self.model.decode if self.model.tokenizer else None
             talker_row = self.talker_rows.acquire()
             self.live.append(SpokenAnswer(
                 index, request, thinker, row, talker_row, prompt.embeds, text,
-                AudioPackets(self.model.code2wav_stream(slot=talker_row), request.options, self.timer),
+                AudioPackets(model.code2wav_stream(slot=talker_row), request.options, self.timer),
                 IncrementalText(decode) if decode else None))
 
     def _thinker_step(self) -> None:

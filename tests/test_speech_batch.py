@@ -6,6 +6,7 @@ import torch
 
 import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
+from omni_runtime.engine.batch_rows import batch_buckets
 from test_speech import GREEDY_TALKER
 from test_thinker_parity import IM_END, chat_prompt
 
@@ -48,6 +49,8 @@ def test_batch_speech_equals_single_answers(model, max_batch, predictor):
     assert_same_answers(got, expected)
     assert all(g.codes.shape == (16, 13) for g in got)
     assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    buckets = [key[0] for key in model.batched_talker.steps]   # one static frame per bucket: free rows draw alike
+    assert set(buckets) <= set(batch_buckets(max_batch)) and len(buckets) == len(set(buckets))
 
 
 @pytest.mark.parametrize("predictor", ["cpp", "torch"])
@@ -110,6 +113,44 @@ def test_stream_batch_interleaves_answers(model):
         torch.testing.assert_close(torch.cat(audio[i]), e.audio, atol=1e-5, rtol=0)   # other chunk sizes
         assert audio[i][0].numel() == 1920 - 555   # a one-frame first packet
     assert sorted(order[:3]) == [0, 1, 2]          # every answer's first packet before any second one
+
+
+def test_engine_takes_requests_as_they_come_and_cancels(model):
+    # a server's loop: requests arrive while others speak, one is cancelled mid-answer and one while it waits; the
+    # others' answers are still their own, and every row is free at the end
+    batch = prompts(4)
+    kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=12, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in batch]
+    engine = model.speech_engine(max_batch=2)
+    parts = {}
+    first = engine.submit(batch[0], **kwargs)
+    for _ in range(3):
+        for rid, event in engine.step():
+            parts.setdefault(rid, []).append(event)
+    later = [engine.submit(p, **kwargs) for p in batch[1:]]
+    engine.cancel(later[2])                                    # still waiting
+    ticks = 0
+    while engine.busy:
+        ticks += 1
+        if ticks == 4:
+            engine.cancel(later[1])                            # running
+        for rid, event in engine.step():
+            parts.setdefault(rid, []).append(event)
+    for rid, index in ((first, 0), (later[0], 1)):
+        text = [t for e in parts[rid] for t in e.text_ids]
+        audio = torch.cat([e.audio for e in parts[rid] if e.audio is not None])
+        assert text == expected[index].text_ids
+        torch.testing.assert_close(audio, expected[index].audio, atol=1e-6, rtol=0)
+    assert later[2] not in parts and len(parts.get(later[1], [])) < len(parts[later[0]])
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    with pytest.raises(ValueError, match="unknown speaker"):
+        engine.submit(batch[0], speaker="nobody", talker_max_new_tokens=4)
+    with pytest.raises(ValueError, match="in use with max_batch=2"):
+        engine.submit(batch[0], **kwargs)
+        engine.step()
+        model.speech_engine(max_batch=3)
+    engine.close()
+    assert not any(model.batched_thinker.live) and not engine.busy
 
 
 def test_stopping_early_releases_everything(model):

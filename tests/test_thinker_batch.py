@@ -62,6 +62,31 @@ def test_batch_logits_match_single_decode(model):
     torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("prefill_tokens", [4096, 80])
+def test_prompts_prefilled_together_match_alone(model, prefill_tokens):
+    # 4 prompts of 19..34 tokens in rows 3, 0, 2, 1 (out of order): one padded forward (80: split in groups of
+    # two), then each row's logits, captured hidden states and next decode step are those of its prompt alone
+    from omni_runtime.multimodal import MediaInputs, build_prompt
+    runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 4, 64, model.device, model.dtype)
+    runner.prefill_tokens = prefill_tokens
+    single = model.thinker_runner
+    inputs = [build_prompt(p[0], MediaInputs(), model.config, model.thinker.model.embed_tokens, None, None)
+              for p in prompts(4)]
+    rows = [3, 0, 2, 1]
+    for _ in rows:
+        runner.acquire()
+    with torch.inference_mode():
+        together = runner.prefill_many(rows, inputs, capture_layer=2)
+        tokens = torch.cat([logits.argmax(-1) for logits, _ in together])
+        decoded = runner.decode(rows, tokens)
+        for i, (prompt, (logits, hidden)) in enumerate(zip(inputs, together)):
+            alone_logits, alone_hidden = single.prefill(prompt, capture_layer=2)
+            torch.testing.assert_close(logits, alone_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hidden, alone_hidden, atol=1e-5, rtol=1e-5)
+            assert runner.host_lengths[rows[i]] == prompt.embeds.shape[1] + 1
+            torch.testing.assert_close(decoded[i:i + 1], single.decode(tokens[i].view(1, 1)), atol=1e-5, rtol=1e-5)
+
+
 def test_seeded_sampling_per_prompt(model):
     batch = prompts(3)
     settings = [SamplingParams(temperature=0.8, top_k=20, seed=s) for s in (1, 2, 3)]

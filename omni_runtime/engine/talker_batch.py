@@ -56,7 +56,7 @@ class BatchedTalkerRunner(BatchedRows):
         self.talker_generators = [torch.Generator(device) for _ in range(max_batch)]
         self.predictor_generators = [torch.Generator(device) for _ in range(max_batch)]
         greedy = Sampler(GREEDY, device)
-        self.code0_draws = [greedy] * max_batch       # each row's answer's samplers, on the row's generators
+        self.code0_draws = [greedy] * max_batch       # each live row's answer's samplers, on the row's generators
         self.predictor_draws = [greedy] * max_batch
         self.steps: dict[tuple, BatchStepGraph] = {}  # per (bucket, its rows' sampling settings)
 
@@ -73,9 +73,6 @@ class BatchedTalkerRunner(BatchedRows):
         generator.manual_seed(sampler.generator.initial_seed())
         return Sampler(sampler.params, self.state.device, sampler.suppress, generator=generator)
 
-    def release(self, row: int) -> None:
-        super().release(row)
-        self.code0_draws[row] = self.predictor_draws[row] = Sampler(GREEDY, self.state.device)
 
     @torch.inference_mode()
     def prefill(self, row: int, embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +101,26 @@ class BatchedTalkerRunner(BatchedRows):
         -> (code0 [n], codes of codebooks 1..Q-1 [n, Q-1], this frame's embeddings [n, 1, H])."""
         return self.step_rows(rows, embeds)
 
+    def _bucket_draws(self, batch: int) -> tuple[list[Sampler], list[Sampler]]:
+        """The samplers of rows 0..batch-1; a free row draws like the first live row, from its own generators (its
+        codes are thrown away; one setting across the bucket keeps its draws batched and its graphs few)."""
+        lead = next((r for r in range(batch) if self.live[r]), 0)
+        code0, predictor = [], []
+        for row in range(batch):
+            live = self.live[row]
+            code0.append(self.code0_draws[row] if live else
+                         self._draw_like(self.code0_draws[lead], self.talker_generators[row]))
+            predictor.append(self.predictor_draws[row] if live else
+                             self._draw_like(self.predictor_draws[lead], self.predictor_generators[row]))
+        return code0, predictor
+
+    def _draw_like(self, sampler: Sampler, generator: torch.Generator) -> Sampler:
+        if sampler.params.greedy:
+            return sampler
+        return Sampler(sampler.params, self.state.device, sampler.suppress, generator=generator)
+
     def _step(self, batch: int) -> BatchStepGraph:
-        code0_draws, predictor_draws = self.code0_draws[:batch], self.predictor_draws[:batch]
+        code0_draws, predictor_draws = self._bucket_draws(batch)
         key = (batch, *((d.params.warpers, d.suppress is None) for d in code0_draws),
                *(d.params.warpers for d in predictor_draws))
         if key not in self.steps:
