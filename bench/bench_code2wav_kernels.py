@@ -6,8 +6,9 @@ Released shapes: 16 quantizers x 2048 codes -> hidden 1024; upsampling 2 x (tran
 depthwise k=7); decoder conv 1024 -> 1536 (k=7), then per block (1536 -> 768, 768 -> 384, 384 -> 192, 192 -> 96 at
 rates 8, 5, 4, 3): SnakeBeta + transposed conv (k = 2 * rate) and three residual units (SnakeBeta + k=7 conv at
 dilation 1/3/9, SnakeBeta + k=1 conv); SnakeBeta + the 96 -> 1 output conv. Each layer is timed at 1, 4 and 25 frames
-per streamed call (with its carried state) as ours (Triton; ``_snake`` rows fuse the SnakeBeta) and the reference
-(torch: ``snake_beta_ref`` then ``F.conv1d`` etc.). GB/s counts x + weights + y (+ state) once. Writes
+per streamed call (with its carried state) as ours (Triton, and the CUDA extension's kernels when built: ``cuda``
+rows, forced even where opt-in; ``_snake`` rows fuse the SnakeBeta) and the reference (torch: ``snake_beta_ref``
+then ``F.conv1d`` etc.). GB/s counts x + weights + y (+ state) once. Writes
 bench/results/code2wav_kernels_<gpu>.json.
 """
 from __future__ import annotations
@@ -62,6 +63,19 @@ def main() -> None:
                                           causal_conv_transpose1d_triton)
     from omni_kernels.rvq_lookup import rvq_embed_mean_ref, rvq_embed_mean_triton
 
+    import omni_kernels as ok
+    from omni_kernels._extension import has_op
+
+    def cuda_impl(op, fn, *args):
+        """The CUDA extension's kernel for ``op`` (forced: opt-in ones too), or None without it."""
+        if not has_op(op):
+            return None
+
+        def run(s=None):
+            with ok.use_backend("cuda", op=op):
+                return fn(*args, snake=s)
+        return run
+
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     size = torch.finfo(dtype).bits // 8
     rnd = lambda *s, scale=1.0: torch.randn(*s, device=device, dtype=torch.float32).mul(scale).to(dtype)  # noqa: E731
@@ -87,14 +101,19 @@ def main() -> None:
                 state = rnd(1, c_in, (k - 1) * d)
                 nbytes = (x.numel() + w.numel() + c_out * length + 2 * state.numel()) * size
                 impls = {"triton": lambda s=None: causal_conv1d_triton(x, w, bias, d, groups, state, snake=s),
-                         "torch": lambda s=None: causal_conv1d_ref(x, w, bias, d, groups, state, snake=s)}
+                         "torch": lambda s=None: causal_conv1d_ref(x, w, bias, d, groups, state, snake=s),
+                         "cuda": cuda_impl("causal_conv1d", ok.causal_conv1d, x, w, bias, d, groups, state)}
             else:
                 w = rnd(c_in, c_out, k, scale=c_in ** -0.5)
                 state = rnd(1, c_in, k // d - 1)
                 nbytes = (x.numel() + w.numel() + c_out * length * d + 2 * state.numel()) * size
                 impls = {"triton": lambda s=None: causal_conv_transpose1d_triton(x, w, bias, d, state, snake=s),
-                         "torch": lambda s=None: causal_conv_transpose1d_ref(x, w, bias, d, state, snake=s)}
+                         "torch": lambda s=None: causal_conv_transpose1d_ref(x, w, bias, d, state, snake=s),
+                         "cuda": cuda_impl("causal_conv_transpose1d", ok.causal_conv_transpose1d, x, w, bias, d,
+                                           state)}
             for impl, fn in impls.items():
+                if fn is None:   # no CUDA extension with this op
+                    continue
                 record(name, frames, impl, time_ms(fn), nbytes)
                 if snake:
                     record(name, frames, impl + "_snake", time_ms(lambda fn=fn: fn(sn)), nbytes)

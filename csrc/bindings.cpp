@@ -30,6 +30,10 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
                    int64_t dilation, int64_t groups, std::optional<at::Tensor> const& state,
                    std::optional<at::Tensor> const& snake_alpha, std::optional<at::Tensor> const& snake_beta,
                    at::Tensor& out, at::Tensor& new_state);
+void causal_conv_transpose1d(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Tensor> const& bias,
+                             int64_t stride, std::optional<at::Tensor> const& state,
+                             std::optional<at::Tensor> const& snake_alpha,
+                             std::optional<at::Tensor> const& snake_beta, at::Tensor& out, at::Tensor& new_state);
 void moe_route(at::Tensor const& logits, int64_t top_k, bool renormalize, at::Tensor& weights, at::Tensor& ids);
 void fused_moe(at::Tensor const& x, at::Tensor const& router_logits, at::Tensor const& w_gate_up,
                at::Tensor const& w_down, int64_t top_k, bool renormalize, at::Tensor& out);
@@ -44,6 +48,8 @@ TORCH_LIBRARY(omni, m) {
         "Tensor(a!) partial_out, Tensor(b!) partial_lse, Tensor(c!) out) -> ()");
   m.def("rvq_embed_mean(Tensor codes, Tensor table, int codebook_size, Tensor(a!) out) -> ()");
   m.def("causal_conv1d(Tensor x, Tensor weight, Tensor? bias, int dilation, int groups, Tensor? state, "
+        "Tensor? snake_alpha, Tensor? snake_beta, Tensor(a!) out, Tensor(b!) new_state) -> ()");
+  m.def("causal_conv_transpose1d(Tensor x, Tensor weight, Tensor? bias, int stride, Tensor? state, "
         "Tensor? snake_alpha, Tensor? snake_beta, Tensor(a!) out, Tensor(b!) new_state) -> ()");
   m.def("moe_route(Tensor logits, int top_k, bool renormalize, Tensor(a!) weights, Tensor(b!) ids) -> ()");
   m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int top_k, bool renormalize, "
@@ -69,6 +75,7 @@ TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("rvq_embed_mean", &rvq_embed_mean);
   m.impl("causal_conv1d", &causal_conv1d);
+  m.impl("causal_conv_transpose1d", &causal_conv_transpose1d);
   m.impl("moe_route", &moe_route);
   m.impl("fused_moe", &fused_moe);
 }

@@ -480,9 +480,11 @@ def _causal_conv_transpose1d_triton_or_ref(x, weight, bias, stride, state=None, 
 
 # ============================================================================================================== CUDA
 # omni::causal_conv1d (csrc/include/omni/causal_conv.cuh): groups 1 or C_in, the Triton kernel's roundings (fused
-# snake rounded op by op, fp32 sum, bias, one rounding), new state from a second tiny kernel. The transposed conv
-# stays Triton-only. Calls the kernel does not take (other groups, mixed dtypes, a context too long for 48 KiB of
-# shared memory) go to Triton, else the reference.
+# snake rounded op by op, fp32 sum, bias, one rounding), new state from a second tiny kernel.
+# omni::causal_conv_transpose1d (csrc/include/omni/causal_conv_transpose.cuh): K = m * stride with m <= 4, one CTA
+# per (phase, frame tile, C_out tile, b) like the Triton kernel, its roundings (per-tap rounding in fp16/bf16), new
+# state from a second tiny kernel. Calls the kernels do not take (other groups, mixed dtypes, a context too long for
+# 48 KiB of shared memory, m > 4, sizes past the grid) go to Triton, else the reference.
 
 def _cuda_conv_fits(x: torch.Tensor, weight: torch.Tensor, dilation: int, groups: int) -> bool:
     """Mirrors the launcher's checks: the staged window of one CTA, in fp32 words, fits 48 KiB (causal_conv.cuh)."""
@@ -510,4 +512,34 @@ def _causal_conv1d_cuda(x, weight, bias, dilation=1, groups=1, state=None, snake
     y = torch.empty(B, weight.shape[0], L, dtype=x.dtype, device=x.device)
     new_state = torch.empty(B, C_in, context, dtype=x.dtype, device=x.device)
     torch.ops.omni.causal_conv1d(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state)
+    return y, new_state
+
+
+_CUDA_CONV_TRANSPOSE_MAX_TAPS = 4   # kCausalConvTranspose1dMaxTaps in causal_conv_transpose.cuh
+
+
+def _cuda_conv_transpose_fits(x: torch.Tensor, weight: torch.Tensor, stride: int, state: torch.Tensor | None) -> bool:
+    """Mirrors the launcher's checks: 1 <= m = K / stride <= 4 taps per phase, B and C_out within the grid, int
+    indexing (causal_conv_transpose.cuh)."""
+    B, c_in, length = x.shape
+    window = length + (0 if state is None else state.shape[-1])
+    return (1 <= weight.shape[-1] // stride <= _CUDA_CONV_TRANSPOSE_MAX_TAPS and B <= 65535
+            and weight.shape[1] <= 500_000 and stride < 2**31 and window * stride < 2**31 and B * c_in < 2**31)
+
+
+# opt-in until a GPU session has run and timed it (it was written and checked without one)
+@REGISTRY.register("causal_conv_transpose1d", "cuda", cuda_runs("causal_conv_transpose1d"), opt_in=True)
+def _causal_conv_transpose1d_cuda(x, weight, bias, stride, state=None, snake=None):
+    alpha, beta = snake if snake is not None else (None, None)
+    fits = _cuda_conv_transpose_fits(x, weight, stride, state)
+    if not (triton_supports(x, weight, bias, state, alpha, beta) and fits):
+        if triton_runs(x.device):
+            return _causal_conv_transpose1d_triton_or_ref(x, weight, bias, stride, state, snake=snake)
+        return causal_conv_transpose1d_ref(x, weight, bias, stride, state, snake=snake)
+    B, C_in, L = x.shape
+    lookahead = weight.shape[-1] // stride - 1
+    window = L + (0 if state is None else state.shape[-1])
+    y = torch.empty(B, weight.shape[1], max(window - lookahead, 0) * stride, dtype=x.dtype, device=x.device)
+    new_state = torch.empty(B, C_in, min(lookahead, window), dtype=x.dtype, device=x.device)
+    torch.ops.omni.causal_conv_transpose1d(x, weight, bias, stride, state, alpha, beta, y, new_state)
     return y, new_state

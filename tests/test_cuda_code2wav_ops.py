@@ -1,16 +1,17 @@
-"""CUDA Code2Wav ops (omni::rvq_embed_mean, omni::causal_conv1d) against their references, streamed, in place and
-under CUDA-graph replay (skipped without a GPU or without the built extension).
+"""CUDA Code2Wav ops (omni::rvq_embed_mean, omni::causal_conv1d, omni::causal_conv_transpose1d) against their
+references, streamed, in place and under CUDA-graph replay (skipped without a GPU or without the built extension).
 
 Tolerances: the kernels sum in fp32 in another order than torch/cuDNN (fp32: summation order only; the reference
-conv runs with TF32 off), then round once; fp16/bf16 allow a couple of ulps for cuDNN's own roundings. The fused
-SnakeBeta repeats snake_beta_ref's per-op roundings with the same expf/sinf, so it adds little.
+conv runs with TF32 off), then round once; fp16/bf16 allow a couple of ulps for cuDNN's own roundings (and, for the
+transposed conv, the Triton kernel's rounding of each tap's sum). The fused SnakeBeta repeats snake_beta_ref's per-op
+roundings with the same expf/sinf, so it adds little.
 """
 import pytest
 import torch
 
 import omni_kernels as ok
 from omni_kernels._extension import has_cuda_op
-from omni_kernels.causal_conv import causal_conv1d_ref
+from omni_kernels.causal_conv import causal_conv1d_ref, causal_conv_transpose1d_ref
 from omni_kernels.rvq_lookup import rvq_embed_mean_ref
 
 pytestmark = pytest.mark.gpu
@@ -201,3 +202,161 @@ def test_causal_conv1d_cuda_rejects_and_falls_back():
         torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns)
     with pytest.raises(RuntimeError, match="new_state must have shape"):
         torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns[..., :5])
+
+
+# --- causal transposed conv -----------------------------------------------------------------------------------------
+def trans_case(B, C_in, C_out, L, stride, m, state_len, dtype, g, *, bias=True, snake=False, sliced=False):
+    """weight (C_in, C_out, m * stride); state (B, C_in, state_len) or None for state_len None."""
+    x = randn(B, C_in, L, dtype=dtype, g=g, sliced=sliced)
+    w = randn(C_in, C_out, m * stride, dtype=dtype, g=g, scale=(C_in * m) ** -0.5)
+    if sliced:  # a transposed-storage weight: strides (1, K * C_in, C_in) instead of contiguous
+        w = w.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    b = randn(C_out, dtype=dtype, g=g, scale=0.1) if bias else None
+    s = randn(B, C_in, state_len, dtype=dtype, g=g, sliced=sliced) if state_len is not None else None
+    sn = (randn(C_in, dtype=dtype, g=g, scale=0.2), randn(C_in, dtype=dtype, g=g, scale=0.2)) if snake else None
+    return x, w, b, s, sn
+
+
+TRANS_SHAPES = [  # C_in, C_out, stride, m (K = m * stride), state length
+    (7, 129, 2, 2, 1), (129, 7, 3, 2, 1), (33, 17, 5, 2, 0), (96, 48, 8, 2, 1),  # the decoder's K = 2 * stride
+    (17, 33, 2, 1, 0),                                                            # the upsampler's K = stride
+    (20, 9, 4, 3, 2), (5, 3, 3, 3, 1), (9, 65, 2, 4, 3),                         # more lookahead, partial state
+]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", TRANS_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("L", [1, 7, 129])
+@pytest.mark.parametrize("variant", ["plain", "snake", "no_state_bias", "sliced_snake"])
+def test_causal_conv_transpose1d_cuda_matches_reference(shape, B, L, dtype, atol, rtol, variant):
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(L + B)
+    C_in, C_out, stride, m, state_len = shape
+    snake = "snake" in variant
+    x, w, b, s, sn = trans_case(B, C_in, C_out, L, stride, m, None if variant == "no_state_bias" else state_len,
+                                dtype, g, bias=variant != "no_state_bias", snake=snake,
+                                sliced=variant.startswith("sliced"))
+    with ok.use_backend("cuda", op="causal_conv_transpose1d"):
+        assert ok.selected_backend("causal_conv_transpose1d", "cuda") == "cuda"
+        y, new_state = ok.causal_conv_transpose1d(x, w, b, stride, s, snake=sn)
+    y_ref, state_ref = causal_conv_transpose1d_ref(x, w, b, stride, s, snake=sn)
+    check(y, y_ref, *tol(dtype, atol, rtol, snake))
+    check(new_state, state_ref, *tol(dtype, atol, rtol, snake))
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("stride", [2, 3, 5, 8])
+def test_causal_conv_transpose1d_cuda_streams_in_place(dtype, atol, rtol, stride):
+    """K = 2 * stride: a first chunk without state, then chunks of 1..40 samples with new_state = state (one buffer),
+    concatenate to the offline call exactly (each output sums the same products in the same order)."""
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(stride)
+    x, w, b, _, sn = trans_case(3, 33, 17, 101, stride, 2, None, dtype, g, snake=True, sliced=True)
+    op = torch.ops.omni.causal_conv_transpose1d
+    state = torch.empty(3, 33, 1, dtype=dtype, device="cuda")
+    ys = [torch.empty(3, 17, 0, dtype=dtype, device="cuda")]
+    op(x[..., :1], w, b, stride, None, *sn, ys[0], state)  # one sample: no output yet, the state fills
+    start = 1
+    for size in [1, 5, 40, 1, 16, 17, 20]:
+        chunk = x[..., start:start + size]
+        ys.append(torch.empty(3, 17, chunk.shape[-1] * stride, dtype=dtype, device="cuda"))
+        op(chunk, w, b, stride, state, *sn, ys[-1], state)
+        start += size
+    with ok.use_backend("cuda", op="causal_conv_transpose1d"):
+        offline, offline_state = ok.causal_conv_transpose1d(x, w, b, stride, None, snake=sn)
+    assert torch.equal(torch.cat(ys, -1), offline) and torch.equal(state, offline_state)
+    y_ref, state_ref = causal_conv_transpose1d_ref(x, w, b, stride, None, snake=sn)
+    check(offline, y_ref, *tol(dtype, atol, rtol, True))
+    check(state, state_ref, *tol(dtype, atol, rtol, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv_transpose1d_cuda_streams_a_partial_state(dtype):
+    """K = 3 * stride through the dispatch: the state grows 0 -> 1 -> 2 samples over the first chunks."""
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(7)
+    x, w, b, _, sn = trans_case(1, 20, 9, 60, 4, 3, None, dtype, g, snake=True)
+    with ok.use_backend("cuda", op="causal_conv_transpose1d"):
+        offline, _ = ok.causal_conv_transpose1d(x, w, b, 4, None, snake=sn)
+        state, ys, start = None, [], 0
+        for size in [1, 1, 1, 7, 30, 20]:
+            y, state = ok.causal_conv_transpose1d(x[..., start:start + size], w, b, 4, state, snake=sn)
+            ys.append(y)
+            start += size
+    assert torch.equal(torch.cat(ys, -1), offline)
+    tolerance = (1e-4, 1e-4) if dtype == torch.float32 else (5e-2, 2e-2)
+    check(offline, causal_conv_transpose1d_ref(x, w, b, 4, None, snake=sn)[0], *tolerance)
+
+
+def test_causal_conv_transpose1d_cuda_graph_replay():
+    """Decode: one captured step (4 samples, in-place state) replayed on new inputs streams like the offline call."""
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(3)
+    dtype, steps, n, stride = torch.bfloat16, 5, 4, 8
+    x_all, w, b, _, sn = trans_case(1, 64, 32, 1 + steps * n, stride, 2, None, dtype, g, snake=True)
+    op = torch.ops.omni.causal_conv_transpose1d
+    x = torch.zeros(1, 64, n, dtype=dtype, device="cuda")
+    state = torch.zeros(1, 64, 1, dtype=dtype, device="cuda")
+    y = torch.empty(1, 32, n * stride, dtype=dtype, device="cuda")
+    op(x, w, b, stride, state, *sn, y, state)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        op(x, w, b, stride, state, *sn, y, state)
+    op(x_all[..., :1], w, b, stride, None, *sn, torch.empty(1, 32, 0, dtype=dtype, device="cuda"), state)
+    ys = []
+    for i in range(steps):
+        x.copy_(x_all[..., 1 + i * n:1 + (i + 1) * n])
+        graph.replay()
+        ys.append(y.clone())
+    y_ref, state_ref = causal_conv_transpose1d_ref(x_all, w, b, stride, None, snake=sn)
+    check(torch.cat(ys, -1), y_ref, 5e-2, 2e-2)
+    check(state, state_ref, 5e-2, 2e-2)
+
+
+def test_causal_conv_transpose1d_cuda_rejects_and_falls_back():
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(4)
+    op = torch.ops.omni.causal_conv_transpose1d
+    x, w, b, s, _ = trans_case(2, 8, 6, 9, 2, 5, 4, torch.float32, g)  # K = 5 * stride: more taps than the kernel's 4
+    y, ns = torch.empty(2, 6, 18, device="cuda"), torch.empty(2, 8, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="at most 4"):
+        op(x, w, b, 2, s, None, None, y, ns)
+    with ok.use_backend("cuda", op="causal_conv_transpose1d"):  # the registration hands it to Triton or the reference
+        y, ns = ok.causal_conv_transpose1d(x, w, b, 2, s)
+    y_ref, s_ref = causal_conv_transpose1d_ref(x, w, b, 2, s)
+    check(y, y_ref, 1e-4, 1e-4)
+    check(ns, s_ref, 0, 0)
+
+    x, w, b, s, sn = trans_case(2, 8, 6, 9, 3, 2, 1, torch.float32, g, snake=True)
+    y, ns = torch.empty(2, 6, 27, device="cuda"), torch.empty(2, 8, 1, device="cuda")
+    op(x, w, b, 3, s, *sn, y, ns)  # the good call, then one thing wrong at a time
+    check(y, causal_conv_transpose1d_ref(x, w, b, 3, s, snake=sn)[0], 1e-4, 1e-4)
+    bad = [
+        ((x.cpu(), w, b, 3, s, *sn, y, ns), "x must be a CUDA tensor"),
+        ((x.double(), w, b, 3, s, *sn, y, ns), "dtype must be"),
+        ((x, w, b, 4, s, *sn, y, ns), "multiple m \\* stride"),
+        ((x, w[:7], b, 3, s, *sn, y, ns), "input channels"),
+        ((x, w.half(), b, 3, s, *sn, y, ns), "weight must have x's dtype"),
+        ((x, w, b[:5], 3, s, *sn, y, ns), "bias must have shape"),
+        ((x, w, b, 3, torch.zeros(2, 8, 2, device="cuda"), *sn, y, ns), "state must be \\(B, C_in, <= 1\\)"),
+        ((x, w, b, 3, s[:1], *sn, y, ns), "state must have shape"),
+        ((x, w, b, 3, s, sn[0], None, y, ns), "given together"),
+        ((x, w, b, 3, s, sn[0][:7], sn[1], y, ns), "snake_alpha must have shape"),
+        ((x, w, b, 3, s, *sn, y[..., :26], ns), "out must have shape"),
+        ((x, w, b, 3, s, *sn, y, ns[..., :0]), "new_state must have shape"),
+        ((x, w, b, 3, s, *sn, y.bfloat16(), ns), "out must have x's dtype"),
+    ]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+
+
+def test_causal_conv_transpose1d_op_schema_and_fake():
+    needs("causal_conv_transpose1d")
+    g = torch.Generator().manual_seed(5)
+    x, w, b, s, sn = trans_case(1, 8, 6, 5, 3, 2, 1, torch.float32, g, snake=True)
+    args = (x, w, b, 3, s, *sn, torch.empty(1, 6, 15, device="cuda"), torch.empty(1, 8, 1, device="cuda"))
+    torch.library.opcheck(torch.ops.omni.causal_conv_transpose1d.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -219,6 +219,54 @@ def test_causal_conv_transpose1d_is_the_references_module():
         assert torch.equal(y, expected)
 
 
+@pytest.mark.parametrize("stride, m, state_len, mixed, takes", [
+    (8, 2, 1, False, True), (2, 1, None, False, True), (3, 4, 2, False, True), (5, 2, 0, False, True),
+    (2, 5, 3, False, False),     # more taps per phase than the kernel's 4: Triton or the reference
+    (3, 2, 1, True, False),      # SnakeBeta parameters in another dtype: the reference
+])
+def test_causal_conv_transpose1d_cuda_backend_routes_and_sizes_its_outputs(monkeypatch, stride, m, state_len, mixed,
+                                                                           takes):
+    """The cuda registration on CPU tensors, with the op replaced by the reference: it hands the kernel the outputs
+    its launcher checks (out (B, C_out, n * stride), new_state (B, C_in, min(m - 1, S + L))) and sends the calls the
+    kernel does not take elsewhere."""
+    from omni_kernels import causal_conv
+
+    calls = []
+
+    def op(x, weight, bias, stride, state, alpha, beta, out, new_state):
+        y, s = causal_conv_transpose1d_ref(x, weight, bias, stride, state, snake=(alpha, beta))
+        assert out.shape == y.shape and new_state.shape == s.shape and out.dtype == new_state.dtype == x.dtype
+        out.copy_(y), new_state.copy_(s)
+        calls.append(stride)
+
+    monkeypatch.setattr(torch.ops.omni, "causal_conv_transpose1d", op, raising=False)
+    g = torch.Generator().manual_seed(stride + m)
+    x = torch.randn(3, 5, 7, generator=g)
+    weight = torch.randn(5, 3, m * stride, generator=g) / (5 * m) ** 0.5
+    bias = torch.randn(3, generator=g)
+    state = None if state_len is None else torch.randn(3, 5, state_len, generator=g)
+    snake = tuple((0.2 * torch.randn(5, generator=g)).to(torch.bfloat16 if mixed else torch.float32) for _ in "ab")
+    y, new_state = causal_conv._causal_conv_transpose1d_cuda(x, weight, bias, stride, state, snake=snake)
+    y_ref, state_ref = causal_conv_transpose1d_ref(x, weight, bias, stride, state, snake=snake)
+    assert calls == ([stride] if takes else [])
+    # the fallback may be Triton's interpreter (numpy's sin)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_state, state_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_conv_transpose_fits_mirrors_the_launcher_limits():
+    from omni_kernels.causal_conv import _cuda_conv_transpose_fits as fits
+
+    x = torch.empty(2, 3, 10)
+    assert all(fits(x, torch.empty(3, 2, m * 8), 8, None) for m in (1, 2, 3, 4))
+    assert not fits(x, torch.empty(3, 2, 5 * 8), 8, None)
+    one = torch.empty(1, 1, 1)  # expanded: the sizes without the memory
+    assert fits(one.expand(65535, 1, 1), torch.empty(1, 2, 4), 2, None)
+    assert not fits(one.expand(65536, 1, 1), torch.empty(1, 2, 4), 2, None)          # grid.z is the batch
+    assert fits(one.expand(1, 1, 2**29 - 2), torch.empty(1, 2, 8), 4, one)            # (S + L) * stride < 2^31
+    assert not fits(one.expand(1, 1, 2**29 - 1), torch.empty(1, 2, 8), 4, one)
+
+
 # --- SnakeBeta ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, atol, rtol", [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 5e-2, 2e-2),
