@@ -12,9 +12,10 @@ void code_predictor_frame(at::Tensor const& prefix, at::TensorList layers, at::T
                           double temperature, int64_t top_k, double top_p,
                           std::optional<at::Generator> generator, at::Tensor& codes, at::Tensor& embed_sum);
 void decoder_step(at::Tensor const& x, c10::List<std::optional<at::Tensor>> const& layer_list,
-                  at::Tensor const& final_norm, at::Tensor const& head, at::Tensor& kv_cache, int64_t slot,
-                  at::Tensor const& cos, at::Tensor const& sin, int64_t num_heads, int64_t num_kv_heads, int64_t top_k,
-                  bool renormalize, double eps, at::Tensor& hidden_out, at::Tensor& logits_out);
+                  at::Tensor const& final_norm, at::Tensor const& head, at::Tensor& kv_cache,
+                  at::Tensor const& slots, at::Tensor const& cos, at::Tensor const& sin, int64_t num_heads,
+                  int64_t num_kv_heads, int64_t top_k, bool renormalize, double eps, at::Tensor& hidden_out,
+                  at::Tensor& logits_out);
 
 #ifdef OMNI_WITH_CUDA
 void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Tensor& out);
@@ -57,9 +58,9 @@ TORCH_LIBRARY(omni, m) {
   m.def("code_predictor_frame(Tensor prefix, Tensor[] layers, Tensor final_norm, Tensor[] embeddings, "
         "Tensor[] heads, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float temperature, "
         "int top_k, float top_p, Generator? generator, Tensor(a!) codes, Tensor(b!) embed_sum) -> ()");
-  m.def("decoder_step(Tensor x, Tensor?[] layers, Tensor final_norm, Tensor head, Tensor(a!) kv_cache, int slot, "
-        "Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int top_k, bool renormalize, float eps, "
-        "Tensor(b!) hidden_out, Tensor(c!) logits_out) -> ()");
+  m.def("decoder_step(Tensor x, Tensor?[] layers, Tensor final_norm, Tensor head, Tensor(a!) kv_cache, "
+        "Tensor slots, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, int top_k, bool renormalize, "
+        "float eps, Tensor(b!) hidden_out, Tensor(c!) logits_out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(omni, CPU, m) {

@@ -1,16 +1,18 @@
 """One decode step of a Qwen3 decoder (thinker or talker): a token through every layer over the static KV cache,
 then the final norm and the head.
 
-    x = embedding                                        # [1, H]
+    x = embedding                                        # [B, H], one token of each of B sequences
     for each layer:
-        x = x + attention(input_norm(x))                 # q/k RMSNorm, RoPE row (cos, sin), cache slot `slot`
+        x = x + attention(input_norm(x))                 # q/k RMSNorm, RoPE row (cos, sin), each row its own
+                                                         # cache row and slot
         x = x + mlp(post_norm(x))                        # dense SwiGLU, or routed experts (+ gated shared expert)
-    -> hidden = final_norm(x) [1, H], logits = hidden @ head^T [1, V] (fp32)
+    -> hidden = final_norm(x) [B, H], logits = hidden @ head^T [B, V] (fp32)
 
 On a GPU the runtime captures its module-based step as a CUDA graph. On a CPU the step is hundreds of tiny ATen
 calls (the talker's, ~1.3 ms on the test model for ~0.1 ms of arithmetic), so the ``cpp`` backend runs it in one C++
 call (csrc/cpu/decoder_step.cpp; fp32, other dtypes take the reference). Weights go in as plain tensors
-(``DecoderWeights``), built once per runner.
+(``DecoderWeights``), built once per runner. Rows are sequences of a batched runner: each runs its attention and
+experts alone, as a step of one sequence does; the head is one GEMM over all rows.
 """
 from __future__ import annotations
 
@@ -86,16 +88,21 @@ def decoder_layer_ref(x: torch.Tensor, layer: DecoderLayerWeights, w: DecoderWei
     return x + _mlp_ref(rms_norm_ref(x, layer.post_norm, w.eps), layer, w)
 
 
-def decoder_step_ref(x: torch.Tensor, w: DecoderWeights, kv_cache: torch.Tensor, slot: int, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [1, H], kv_cache: [2, layers, 1, Hkv, S, D] (written at ``slot``), cos/sin: [D]
-    -> (post-norm hidden [1, H], logits fp32 [1, V])."""
-    x = x[None]                                                                             # [1, 1, H]
-    for index, layer in enumerate(w.layers):
-        x = decoder_layer_ref(x, layer, w, kv_cache[0, index], kv_cache[1, index], slot, cos.view(1, 1, -1),
-                              sin.view(1, 1, -1))
-    hidden = rms_norm_ref(x, w.final_norm, w.eps)
-    return hidden[0], F.linear(hidden[:, -1], w.head).float()
+def decoder_step_ref(x: torch.Tensor, w: DecoderWeights, kv_cache: torch.Tensor, slots: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, H], kv_cache: [2, layers, >= B, Hkv, S, D] (row b written at ``slots[b]``), slots: [B] int64,
+    cos/sin: [B, D] (an int and [D] for one sequence) -> (post-norm hidden [B, H], logits fp32 [B, V]). Each row
+    runs alone over its cache row."""
+    slots, cos, sin = _row_args(x, slots, cos, sin)
+    rows = []
+    for b in range(x.shape[0]):
+        row, slot = x[b:b + 1, None], int(slots[b])                                          # [1, 1, H]
+        for index, layer in enumerate(w.layers):
+            row = decoder_layer_ref(row, layer, w, kv_cache[0, index, b:b + 1], kv_cache[1, index, b:b + 1], slot,
+                                    cos[b].view(1, 1, -1), sin[b].view(1, 1, -1))
+        rows.append(row[:, 0])
+    hidden = rms_norm_ref(torch.cat(rows), w.final_norm, w.eps)
+    return hidden, F.linear(hidden, w.head).float()
 
 
 def _mlp_ref(h: torch.Tensor, layer: DecoderLayerWeights, w: DecoderWeights) -> torch.Tensor:
@@ -111,22 +118,37 @@ REGISTRY.register("decoder_step", "torch", everywhere)(decoder_step_ref)
 
 
 @REGISTRY.register("decoder_step", "cpp", cpu_runs("decoder_step"))
-def _step_cpp(x, w, kv_cache, slot, cos, sin):
+def _step_cpp(x, w, kv_cache, slots, cos, sin):
     if x.dtype != torch.float32 or kv_cache.dtype != torch.float32 or w.head.dtype != torch.float32:
-        return decoder_step_ref(x, w, kv_cache, slot, cos, sin)
-    hidden = torch.empty(1, x.shape[-1], dtype=torch.float32)
-    logits = torch.empty(1, w.head.shape[0], dtype=torch.float32)
-    torch.ops.omni.decoder_step(x, w.flat_layers, w.final_norm, w.head, kv_cache, slot, cos, sin, w.num_heads,
-                                w.num_kv_heads, w.top_k, w.renormalize, w.eps, hidden.view(-1), logits.view(-1))
+        return decoder_step_ref(x, w, kv_cache, slots, cos, sin)
+    hidden = torch.empty(x.shape[0], x.shape[-1], dtype=torch.float32)
+    logits = torch.empty(x.shape[0], w.head.shape[0], dtype=torch.float32)
+    torch.ops.omni.decoder_step(x, w.flat_layers, w.final_norm, w.head, kv_cache, slots, cos, sin, w.num_heads,
+                                w.num_kv_heads, w.top_k, w.renormalize, w.eps, hidden, logits)
     return hidden, logits
 
 
-def decoder_step(x: torch.Tensor, weights: DecoderWeights, kv_cache: torch.Tensor, slot: int, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [1, H] -> (post-norm hidden [1, H], logits fp32 [1, V]); writes the token's keys and values into
-    ``kv_cache`` [2, layers, 1, Hkv, S, D] at ``slot``. See the module docstring."""
-    if x.dim() != 2 or x.shape[0] != 1:
-        raise ValueError(f"decoder_step: x must be [1, hidden], got {tuple(x.shape)}")
-    if not 0 <= slot < kv_cache.shape[-2]:
-        raise ValueError(f"decoder_step: slot {slot} outside the cache's {kv_cache.shape[-2]} positions")
-    return REGISTRY.select("decoder_step", x.device).fn(x, weights, kv_cache, int(slot), cos, sin)
+def decoder_step(x: torch.Tensor, weights: DecoderWeights, kv_cache: torch.Tensor, slots: int | torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [B, H], one token of each of B sequences -> (post-norm hidden [B, H], logits fp32 [B, V]); writes row b's
+    keys and values into row b of ``kv_cache`` [2, layers, >= B, Hkv, S, D] at ``slots[b]`` ([B] int64, or an int
+    for one sequence), rotated by cos/sin ([B, D], or [D] for one sequence). See the module docstring."""
+    if x.dim() != 2:
+        raise ValueError(f"decoder_step: x must be [rows, hidden], got {tuple(x.shape)}")
+    rows = x.shape[0]
+    if kv_cache.dim() != 6 or kv_cache.shape[2] < rows:
+        raise ValueError(f"decoder_step: kv_cache must be [2, layers, >= {rows}, kv_heads, S, D], got "
+                         f"{tuple(kv_cache.shape)}")
+    slots, cos, sin = _row_args(x, slots, cos, sin)
+    if slots.numel() != rows:
+        raise ValueError(f"decoder_step: {slots.numel()} slots for {rows} rows")
+    bad = slots[(slots < 0) | (slots >= kv_cache.shape[-2])]
+    if bad.numel():
+        raise ValueError(f"decoder_step: slot {int(bad[0])} outside the cache's {kv_cache.shape[-2]} positions")
+    return REGISTRY.select("decoder_step", x.device).fn(x, weights, kv_cache, slots, cos, sin)
+
+
+def _row_args(x, slots, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """slots as an int64 [B] tensor, cos/sin as [B, D] rows (one sequence may pass an int and [D] rows)."""
+    rows = x.shape[0]
+    return (torch.as_tensor(slots, dtype=torch.int64).reshape(-1), cos.reshape(rows, -1), sin.reshape(rows, -1))

@@ -353,7 +353,7 @@ class OmniModel:
     @staticmethod
     def _batch_step(runner: BatchedThinkerRunner, live: dict, outputs: list) -> None:
         """Every live row's next token; finished answers give back their rows."""
-        for row, _ in step_thinker_rows(runner, {row: stream for row, (_, stream) in live.items()}):
+        for row, *_ in step_thinker_rows(runner, {row: stream for row, (_, stream) in live.items()}):
             index, stream = live[row]
             if stream.finished:
                 outputs[index] = GenerationOutput(text_ids=stream.tokens, finish_reason=stream.finish_reason)

@@ -141,12 +141,13 @@ def start_thinker_rows(runner, starts: list[tuple[torch.Tensor, PromptInputs, Sa
             for row, (ids, prompt, sampler, eos, max_new), done in zip(rows, starts, prefilled)]
 
 
-def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[int, torch.Tensor]]:
+def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[int, torch.Tensor, int]]:
     """One step of every stream of a batched thinker (``streams``: row -> its unfinished stream): draws each row's
-    next token (one host read for all), records it, decodes the rows still going -> [(row, token [1])]."""
+    next token (one host read for all), records it, decodes the rows still going -> [(row, token [1], its id)]."""
     rows = sorted(streams)
     tokens = torch.cat([streams[row].draw() for row in rows])                                  # [n]
-    for row, token, value in zip(rows, tokens, tokens.tolist()):
+    values = tokens.tolist()
+    for row, token, value in zip(rows, tokens, values):
         streams[row].record(token.view(1), value)
     going = [i for i, row in enumerate(rows) if not streams[row].finished]
     if going:
@@ -154,7 +155,7 @@ def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[i
             logits = runner.decode([rows[i] for i in going], tokens[going])
         for i, logit in zip(going, logits):
             streams[rows[i]].logits = logit.view(1, -1)
-    return [(row, tokens[i:i + 1]) for i, row in enumerate(rows)]
+    return [(row, tokens[i:i + 1], values[i]) for i, row in enumerate(rows)]
 
 
 @dataclass

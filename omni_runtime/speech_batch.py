@@ -148,10 +148,10 @@ class SpeechEngine:
         going = {a.thinker_row: a for a in self.live if not a.thinker.finished}
         if not going:
             return
-        for row, token in step_thinker_rows(self.thinker_rows, {row: a.thinker for row, a in going.items()}):
+        for row, token, value in step_thinker_rows(self.thinker_rows, {r: a.thinker for r, a in going.items()}):
             answer = going[row]
             answer.text.add_token(token, is_last=answer.thinker.finished)
-            ids = [int(token)]
+            ids = [value]
             answer.events.append(StreamEvent(text_ids=ids,
                                              text=answer.detokenizer.push(ids) if answer.detokenizer else None))
             if answer.thinker.finished:

@@ -100,6 +100,36 @@ def test_step_matches_reference(case, slot, slots, strided):
     assert torch.equal(cache[..., untouched, :], ref_cache[..., untouched, :])
 
 
+@needs_twin
+@pytest.mark.parametrize("case", ["talker-like", "thinker-like"])
+def test_rows_step_each_over_its_own_cache_row(case):
+    # a batched runner's step: 3 sequences at slots 5, 0, 140 (the long-context path) in rows 0..2 of a 4-row cache;
+    # each row is its own sequence's step alone, row 3 is untouched
+    hidden, heads, kv_heads, head_dim, vocab, *_ = CASES[case]
+    weights = random_weights(*CASES[case])
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
+    slots = torch.tensor([5, 0, 140])
+    rotary = [rope_row(int(p) + 2, head_dim) for p in slots]
+    cos, sin = torch.stack([c for c, _ in rotary]), torch.stack([s for _, s in rotary])
+    cache = torch.cat([filled_cache(weights, kv_heads, head_dim, 150, seed=row) for row in range(4)], dim=2)
+    before = cache.clone()
+    h, logits = run("cpp", x, weights, cache, slots, cos, sin)
+    ref_h, ref_logits = ok.decoder_step_ref(x, weights, before.clone(), slots, cos, sin)
+    assert h.shape == (3, hidden) and logits.shape == (3, vocab)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for row in range(3):
+        alone = before[:, :, row:row + 1].contiguous()
+        one_h, one_logits = run("cpp", x[row:row + 1], weights, alone, int(slots[row]), cos[row], sin[row])
+        torch.testing.assert_close(h[row:row + 1], one_h, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logits[row:row + 1], one_logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache[:, :, row:row + 1], alone)             # the same keys and values, in its own row
+    assert torch.equal(cache[:, :, 3], before[:, :, 3])
+    with pytest.raises(ValueError, match="2 slots for 3 rows"):
+        ok.decoder_step(x, weights, cache, slots[:2], cos, sin)
+    with pytest.raises(ValueError, match=">= 3"):
+        ok.decoder_step(x, weights, cache[:, :, :2], slots, cos, sin)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_other_dtypes_take_the_reference(dtype):
     hidden, heads, kv_heads, head_dim, *_ = CASES["odd"]

@@ -111,6 +111,7 @@ def test_code2wav_push_reads_nothing_back(model):
 def test_batched_thinker_step_reads_nothing_back(model):
     from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
     runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 4, 32, model.device, model.dtype)
+    runner.step_weights = None   # as on a GPU: the module step, not the CPU's C++ twin
     step = runner._step(4)
     rows = torch.arange(4)
     with torch.inference_mode(), ok.use_backend("triton"), NoHostReads():
@@ -126,6 +127,7 @@ def test_batched_talker_frame_reads_nothing_back(model, sampled):
     from omni_runtime.engine.talker_batch import BatchedTalkerRunner
     cfg, cpu = model.config.talker, torch.device("cpu")
     runner = BatchedTalkerRunner(model.talker, cfg, 4, 32, cpu, model.dtype, model.talker_runner.code0_suppress)
+    runner.step_weights = None   # as on a GPU: the module step, not the CPU's C++ twin
     talker = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05) if sampled else \
         SamplingParams(temperature=0.0, repetition_penalty=1.05)
     predictor = SamplingParams(temperature=1.0, top_k=50, top_p=0.8) if sampled else SamplingParams(temperature=0.0)

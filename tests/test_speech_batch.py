@@ -1,6 +1,8 @@
 """Concurrent spoken answers (``OmniModel.generate_batch(return_audio=True)``, ``stream_batch``): each answer's text,
 codes and waveform are the ones ``generate`` gives its prompt alone, with rows freed and refilled as answers end,
 per-prompt speakers and seeds, answers whose speech outlives their text and the other way round."""
+import contextlib
+
 import pytest
 import torch
 
@@ -26,6 +28,14 @@ def alone(model, prompt, **kwargs):
     return model.generate(prompt, return_audio=True, **kwargs)
 
 
+@contextlib.contextmanager
+def cpu_twins(backend: str):
+    """``cpp``: the CPU's C++ twins of the batched steps (their default here); ``torch``: the module steps a GPU
+    captures."""
+    with ok.use_backend(backend, op="code_predictor_frame"), ok.use_backend(backend, op="decoder_step"):
+        yield
+
+
 def assert_same_answers(got, expected):
     for g, e in zip(got, expected, strict=True):
         assert g.text_ids == e.text_ids and g.finish_reason == e.finish_reason
@@ -33,18 +43,19 @@ def assert_same_answers(got, expected):
         torch.testing.assert_close(g.audio, e.audio, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("max_batch, predictor", [(1, "cpp"), (3, "cpp"), (8, "cpp"), (3, "torch")])
-def test_batch_speech_equals_single_answers(model, max_batch, predictor):
+@pytest.mark.parametrize("max_batch, steps", [(1, "cpp"), (3, "cpp"), (8, "cpp"), (3, "torch")])
+def test_batch_speech_equals_single_answers(model, max_batch, steps):
     # 5 prompts: with 3 rows two wait and take rows as answers end. An EOS that prompt 1's answer holds ends its text
     # early, so its speech outlives its text; prompt 3's talker budget is its text's, the others' runs past it.
-    # ``predictor="torch"`` runs the batched module predictor (a GPU's) instead of each row's C++ frame.
+    # ``steps="torch"`` runs the batched module steps a GPU captures instead of the CPU's C++ twins (the thinker's and
+    # talker's steps over their rows, each row's predictor frame).
     batch = prompts(5)
     eos = model.generate(batch[1], max_new_tokens=10, eos_token_id=IM_END).text_ids[3]
     kwargs = dict(max_new_tokens=10, eos_token_id=[IM_END, eos], talker_max_new_tokens=14,
                   talker_sampling=GREEDY_TALKER)
     expected = [alone(model, p, **kwargs) for p in batch]
     assert expected[1].finish_reason == "eos" and len(expected[1].text_ids) <= 4
-    with ok.use_backend(predictor, op="code_predictor_frame"):
+    with cpu_twins(steps):
         got = model.generate_batch(batch, max_batch=max_batch, return_audio=True, **kwargs)
     assert_same_answers(got, expected)
     assert all(g.codes.shape == (16, 13) for g in got)
@@ -53,15 +64,15 @@ def test_batch_speech_equals_single_answers(model, max_batch, predictor):
     assert set(buckets) <= set(batch_buckets(max_batch)) and len(buckets) == len(set(buckets))
 
 
-@pytest.mark.parametrize("predictor", ["cpp", "torch"])
-def test_each_row_keeps_its_own_codebook0_history(model, predictor):
+@pytest.mark.parametrize("steps", ["cpp", "torch"])
+def test_each_row_keeps_its_own_codebook0_history(model, steps):
     # A penalty below 1 favours seen codes, so the codes follow each answer's history (see test_speech): a row's
     # history must hold its own answer's codes only, from an empty one each time a row is taken again.
     batch = prompts(3)
     kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=16,
                   talker_sampling=SamplingParams(temperature=0.0, repetition_penalty=0.5))
     expected = [alone(model, p, **kwargs) for p in batch]
-    with ok.use_backend(predictor, op="code_predictor_frame"):
+    with cpu_twins(steps):
         assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
 
 
@@ -87,8 +98,8 @@ def test_seeded_sampling_and_speakers_per_prompt(model):
     expected = [alone(model, p, max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
                       thinker_sampling=a, talker_sampling=b, speaker=c)
                 for p, a, b, c in zip(batch, thinker, talker, speakers)]
-    for predictor in ("cpp", "torch"):
-        with ok.use_backend(predictor, op="code_predictor_frame"):
+    for steps in ("cpp", "torch"):
+        with cpu_twins(steps):
             got = model.generate_batch(batch, max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
                                        thinker_sampling=thinker, talker_sampling=talker, speaker=speakers,
                                        max_batch=4, return_audio=True)

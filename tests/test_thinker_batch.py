@@ -3,6 +3,7 @@ with rows freed and refilled as answers end, prompts of different lengths, per-p
 import pytest
 import torch
 
+import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.engine.batch_rows import batch_buckets
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
@@ -40,13 +41,15 @@ def test_batch_answers_equal_single_answers(model, max_batch):
     assert not any(runner.live) and set(runner.steps) <= set(batch_buckets(max_batch))
 
 
-def test_batch_logits_match_single_decode(model):
-    # the step itself: rows at different lengths and positions, a padded row in the bucket (3 live rows -> 4)
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_batch_logits_match_single_decode(model, backend):
+    # the step itself: rows at different lengths and positions, a padded row in the bucket (3 live rows -> 4);
+    # "cpp": the C++ twin over the rows (a CPU's), "torch": the module step (what a GPU captures)
     runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 4, 64, model.device, model.dtype)
     single = model.thinker_runner
     from omni_runtime.multimodal import MediaInputs, build_prompt
     rows, expected, last = [], [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), ok.use_backend(backend, op="decoder_step"):
         for prompt in prompts(3):
             inputs = build_prompt(prompt[0], MediaInputs(), model.config, model.thinker.model.embed_tokens, None,
                                   None)

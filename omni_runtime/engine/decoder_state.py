@@ -45,10 +45,19 @@ class DecoderState:
         ctx = self.next_context()
         return ok.decoder_step(x, weights, self.cache.kv, ctx.kv_len - 1, ctx.cos.view(-1), ctx.sin.view(-1))
 
+    def rows_in_one_call(self, x: torch.Tensor, weights: ok.DecoderWeights,
+                         ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of cache rows 0..b-1 through ``ok.decoder_step``, at the slots and rotary rows of a
+        batched step's ``ctx``: x [b, H] -> (post-norm hidden [b, H], logits fp32 [b, V])."""
+        rows = x.shape[0]
+        return ok.decoder_step(x, weights, self.cache.kv, ctx.cache_positions.view(rows), ctx.cos.view(rows, -1),
+                               ctx.sin.view(rows, -1))
+
     def one_call_weights(self, layers: list[DecoderLayer], norm: torch.Tensor,
                          head: torch.Tensor) -> ok.DecoderWeights | None:
-        """The weights ``step_in_one_call`` takes, where its C++ twin applies (fp32 on a CPU, batch 1); else None."""
-        if self.device.type != "cpu" or self.dtype != torch.float32 or self.cache.kv.shape[2] != 1:
+        """The weights ``step_in_one_call``/``rows_in_one_call`` take, where their C++ twin applies (fp32 on a
+        CPU); else None."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
             return None
         cfg = self.cfg
         return ok.DecoderWeights(tuple(layer.step_weights() for layer in layers), norm, head,

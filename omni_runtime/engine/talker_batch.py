@@ -49,6 +49,8 @@ class BatchedTalkerRunner(BatchedRows):
         super().__init__(cfg.text, max_batch, max_len, device, dtype, capture)
         self.talker, self.cfg, self.code0_suppress = talker, cfg, code0_suppress
         self.frame_weights = frame_weights
+        self.step_weights = self.state.one_call_weights(talker.model.layers, talker.model.norm.weight,
+                                                        talker.codec_head.weight)
         self.predictor = DecoderState(cfg.code_predictor, cfg.num_code_groups, device, dtype, multimodal_rope=False,
                                       batch=max_batch)
         self.predictor_contexts: dict[int, list[StepContext]] = {}   # per row count: the 15 step contexts
@@ -127,8 +129,12 @@ class BatchedTalkerRunner(BatchedRows):
             kv = self.state.cache.kv
 
             def frame(embeds: torch.Tensor, ctx: StepContext):
-                hidden = self.talker.model(embeds, ctx, CacheRows(kv, slice(0, batch)))        # [b, 1, H]
-                logits = self.talker.codec_head(hidden)[:, -1].float()                         # [b, V]
+                if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin over the rows
+                    hidden, logits = self.state.rows_in_one_call(embeds.view(batch, -1), self.step_weights, ctx)
+                    hidden = hidden.view(batch, 1, -1)
+                else:
+                    hidden = self.talker.model(embeds, ctx, CacheRows(kv, slice(0, batch)))    # [b, 1, H]
+                    logits = self.talker.codec_head(hidden)[:, -1].float()                     # [b, V]
                 seen = self.code0_seen[:batch]
                 code0 = draw_rows(code0_draws, logits, seen)                                   # [b]
                 seen.scatter_(1, code0.view(-1, 1), True)

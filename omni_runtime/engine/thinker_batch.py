@@ -27,6 +27,8 @@ class BatchedThinkerRunner(BatchedRows):
         super().__init__(cfg, max_batch, max_len, device, dtype, capture)
         self.thinker = thinker
         self.prefill_tokens = DEFAULT_PREFILL_TOKENS
+        self.step_weights = self.state.one_call_weights(thinker.model.layers, thinker.model.norm.weight,
+                                                        thinker.lm_head.weight)
         self.steps: dict[int, BatchStepGraph] = {}
 
     @torch.inference_mode()
@@ -106,6 +108,8 @@ class BatchedThinkerRunner(BatchedRows):
 
             def step(ids: torch.Tensor, ctx: StepContext) -> torch.Tensor:
                 embeds = self.thinker.model.embed_tokens(ids)                               # [b, 1, H]
+                if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin over the rows
+                    return self.state.rows_in_one_call(embeds.view(batch, -1), self.step_weights, ctx)[1]
                 return self.thinker(embeds, ctx, CacheRows(kv, slice(0, batch)))[0]           # [b, V]
 
             like = torch.zeros(batch, 1, dtype=torch.int64, device=self.state.device)
