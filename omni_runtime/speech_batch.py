@@ -124,15 +124,22 @@ class SpeechEngine:
     def _admit(self) -> None:
         """Every waiting request that finds a free thinker row and a free talker row starts: their thinker prefills
         run together."""
-        model, cfg = self.model, self.model.config
         indices = []
         while self.waiting and len(indices) < min(self.thinker_rows.free_rows(), self.talker_rows.free_rows()):
             indices.append(self.waiting.pop(0))
-        if not indices:
-            return
-        requests = [self.requests[i] for i in indices]
-        starts = [(r.ids, model._build_prompt(i, r.ids, r.media), r.thinker_sampler, r.eos, r.max_new_tokens)
-                  for i, r in zip(indices, requests)]
+        requests, starts = [self.requests[i] for i in indices], []
+        for n, (index, r) in enumerate(zip(indices, requests)):
+            try:
+                starts.append((r.ids, self.model._build_prompt(index, r.ids, r.media), r.thinker_sampler, r.eos,
+                               r.max_new_tokens))
+            except ValueError:   # media that disagree with their placeholders: that request alone is dropped
+                self.waiting[:0] = indices[:n] + indices[n + 1:]
+                raise
+        if starts:
+            self._start(indices, requests, starts)
+
+    def _start(self, indices: list[int], requests: list[SpeechRequest], starts: list[tuple]) -> None:
+        model, cfg = self.model, self.model.config
         streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer)
         decode = model.decode if model.tokenizer else None
         for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
