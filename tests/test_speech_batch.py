@@ -176,6 +176,38 @@ def test_stopping_early_releases_everything(model):
     assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
 
 
+def test_engine_under_a_random_schedule(model):
+    # requests of different lengths and settings arrive and are cancelled at random ticks over 3 rows: every answer
+    # that runs to its end is the one its prompt gets alone, and the engine ends with every row free
+    rng = torch.Generator().manual_seed(5)
+    pick = lambda n: int(torch.randint(n, (1,), generator=rng))  # noqa: E731
+    requests = [(chat_prompt(i, user_len=5 + 3 * i),
+                 dict(max_new_tokens=2 + pick(6), eos_token_id=IM_END, talker_max_new_tokens=2 + pick(10),
+                      talker_sampling=GREEDY_TALKER if i % 2 else
+                      SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=i)))
+                for i in range(7)]
+    engine = model.speech_engine(max_batch=3)
+    parts, ids, cancelled, pending = {}, {}, set(), list(range(len(requests)))
+    while pending or engine.busy:
+        if pending and pick(2):
+            i = pending.pop(0)
+            ids[engine.submit(requests[i][0], **requests[i][1])] = i
+        if ids and not pick(8):
+            victim = list(ids)[pick(len(ids))]
+            engine.cancel(victim)
+            cancelled.add(victim)
+        for rid, event in engine.step():
+            parts.setdefault(rid, SpokenParts()).add(event)
+    assert cancelled and len(cancelled) < len(ids)
+    for rid, i in ids.items():
+        if rid not in cancelled:
+            prompt, kwargs = requests[i]
+            expected = alone(model, prompt, **kwargs)
+            got = parts[rid].output(expected.finish_reason, 16, model.device)
+            assert_same_answers([got], [expected])
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+
+
 def test_engine_drops_a_request_whose_media_fail_and_goes_on(reference_checkpoint):
     # placeholders and features that disagree show only when the encoders run (at admission): that request fails,
     # named, and the others admitted with it still run
