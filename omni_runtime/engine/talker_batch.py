@@ -7,9 +7,9 @@ codebook-0 draw (its repetition penalty reads its own row of the ``[max_batch, V
 predictor's 15 steps for all rows at once. The predictor's cache is rewritten each frame, so every row sits at the
 same predictor position and the 15 step contexts are shared. Each row draws from its own generators, reseeded from
 its answer's seeds (``begin_answer``): a seed gives every answer the codes it gets alone. On a GPU a bucket's frame
-(per sampling settings of its rows) replays one CUDA graph with those generators registered; on a CPU it runs
-eagerly. The first frame of an answer (its predictor only, right after its prefill) runs eagerly over the rows that
-start together.
+(per sampling settings of its rows) replays one CUDA graph with those generators registered; on a CPU (fp32) the
+talker step over the rows and each row's predictor frame are calls of their C++ twins. The first frame of an answer
+(its predictor only, right after its prefill) runs eagerly over the rows that start together.
 """
 from __future__ import annotations
 
@@ -66,15 +66,12 @@ class BatchedTalkerRunner(BatchedRows):
         """The answer in ``row`` starts: an empty codebook-0 history; the row's generators restart from the
         samplers' seeds."""
         self.code0_seen[row] = False
-        self.code0_draws[row] = self._on_row(talker_sampler, self.talker_generators[row])
-        self.predictor_draws[row] = self._on_row(predictor_sampler, self.predictor_generators[row])
-
-    def _on_row(self, sampler: Sampler, generator: torch.Generator) -> Sampler:
-        if sampler.params.greedy:
-            return sampler
-        generator.manual_seed(sampler.generator.initial_seed())
-        return Sampler(sampler.params, self.state.device, sampler.suppress, generator=generator)
-
+        for sampler, generator in ((talker_sampler, self.talker_generators[row]),
+                                   (predictor_sampler, self.predictor_generators[row])):
+            if sampler.generator is not None:
+                generator.manual_seed(sampler.generator.initial_seed())
+        self.code0_draws[row] = self._draw_like(talker_sampler, self.talker_generators[row])
+        self.predictor_draws[row] = self._draw_like(predictor_sampler, self.predictor_generators[row])
 
     @torch.inference_mode()
     def prefill(self, row: int, embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,6 +114,7 @@ class BatchedTalkerRunner(BatchedRows):
         return code0, predictor
 
     def _draw_like(self, sampler: Sampler, generator: torch.Generator) -> Sampler:
+        """``sampler``'s setting, drawing from ``generator`` as it stands."""
         if sampler.params.greedy:
             return sampler
         return Sampler(sampler.params, self.state.device, sampler.suppress, generator=generator)
