@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from omni_runtime.api import SAMPLE_RATE, OmniModel
+from omni_runtime.api import DEFAULT_TALKER_SAMPLING, SAMPLE_RATE, OmniModel
 from omni_runtime.demo import demo_checkpoint
 from omni_runtime.pipeline import TALKER_STAGES, StageTimer
 from omni_runtime.sampling import SamplingParams
@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--temperature", type=float, default=0.0, help="thinker temperature (0 = greedy)")
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--seed", type=int, help="seeds the thinker's and the talker's draws (answer i: seed + i)")
+    gen.add_argument("--concurrency", type=int, default=1,
+                     help="speak N answers to the prompt at once (batched; --out x.wav writes x-0.wav ...)")
     return parser.parse_args(argv)
 
 
@@ -81,13 +83,15 @@ def generate(args: argparse.Namespace) -> None:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     speak = args.out is not None
     print(f"model: {folder}" + ("" if args.model else " (built-in random model: random tokens, noise for speech)"))
+    if args.concurrency != 1:
+        return generate_concurrently(model, args, inputs, sampling)
     timer = StageTimer(model.device)
     start = time.perf_counter()
     first_text = first_audio = None
     text, codes, audio = [], 0, []
     for event in model.stream(max_new_tokens=args.max_new_tokens, thinker_sampling=sampling, return_audio=speak,
                               speaker=args.speaker, talker_max_new_tokens=args.talker_max_new_tokens, timer=timer,
-                              **inputs):
+                              talker_sampling=talker_sampling(args.seed), **inputs):
         now = time.perf_counter()
         if event.text_ids:
             first_text = first_text or now
@@ -107,6 +111,47 @@ def generate(args: argparse.Namespace) -> None:
         soundfile.write(args.out, torch.cat(audio).cpu().numpy() if audio else [], SAMPLE_RATE)
         print(f"wrote {args.out}: {samples / SAMPLE_RATE:.2f} s of audio, {codes} frames")
     print(latency_table(start, first_text, first_audio, end, len(text), codes, samples, timer))
+
+
+def talker_sampling(seed: int | None) -> SamplingParams:
+    """The reference's speech sampling, seeded with ``--seed`` (the code predictor then with seed + 1)."""
+    return SamplingParams(**{**DEFAULT_TALKER_SAMPLING.__dict__, "seed": seed})
+
+
+def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: dict, sampling: SamplingParams) -> None:
+    """``--concurrency N``: N spoken answers to the prompt at once (``stream_batch``), seeds ``seed + i``; prints each
+    answer and the first packets, the real-time factor and the audio made per second."""
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+    count, decode = args.concurrency, model.decode if model.tokenizer else str
+    seeds = [None if args.seed is None else args.seed + i for i in range(count)]
+    samplings = [SamplingParams(**{**sampling.__dict__, "seed": seed}) for seed in seeds]
+    text, audio, first_audio = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
+    start = time.perf_counter()
+    for index, event in model.stream_batch([inputs] * count, max_new_tokens=args.max_new_tokens,
+                                           thinker_sampling=samplings, max_batch=count, speaker=args.speaker,
+                                           talker_max_new_tokens=args.talker_max_new_tokens,
+                                           talker_sampling=[talker_sampling(seed) for seed in seeds]):
+        text[index] += event.text_ids
+        if event.audio is not None:
+            first_audio[index] = first_audio[index] or time.perf_counter() - start
+            audio[index].append(event.audio)
+    wall = time.perf_counter() - start
+    seconds = [sum(a.numel() for a in chunks) / SAMPLE_RATE for chunks in audio]
+    for index in range(count):
+        print(f"answer {index}: {decode(text[index])}")
+        if args.out is not None:
+            import soundfile
+            path = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
+            soundfile.write(path, torch.cat(audio[index]).cpu().numpy() if audio[index] else [], SAMPLE_RATE)
+            print(f"wrote {path}: {seconds[index]:.2f} s of audio")
+    packets = sorted(t for t in first_audio if t is not None)
+    line = f"concurrency {count}: {1e3 * wall:.0f} ms in all"
+    if packets:
+        line += (f"; first audio packet median {1e3 * packets[len(packets) // 2]:.1f} ms, worst "
+                 f"{1e3 * packets[-1]:.1f} ms; real-time factor {wall / max(seconds):.3f}; "
+                 f"{sum(seconds) / wall:.2f} s of audio per second")
+    print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
