@@ -79,9 +79,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
       step e2e_full 300 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 --full-size \
         --thinker-layers "${THINKER_LAYERS:-48}" ;;
     talker_frame) step talker_frame 180 python3 bench/profile_talker_frame.py --device cuda --dtype bfloat16 --full-size ;;
-    concurrent)  # the released sizes at concurrency 1, 4, 8: batched against one request after another
+    concurrent)  # the released sizes at concurrency 1, 4, 6, 8: batched against one request after another
       step concurrent_speech 200 python3 bench/concurrent_speech.py --device cuda --dtype bfloat16 --full-size \
-        --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 1,4,8 --repeats 1 ;;
+        --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 1,4,6,8 --repeats 1 ;;
     thinker_batch) step thinker_batch 150 python3 bench/thinker_batch.py --device cuda --dtype bfloat16 --full-size \
       --batches 1,2,4,8,16 ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;
