@@ -6,25 +6,17 @@
 #include <c10/util/Exception.h>
 #include <optional>
 
+#include "conv_launch.h"
+
 #include <omni/causal_conv.cuh>
 
 namespace {
 
 constexpr char const* kOp = "omni::causal_conv1d: ";
 
-void CheckLike(at::Tensor const& t, char const* name, at::Tensor const& x, at::IntArrayRef shape) {
-  TORCH_CHECK(t.device() == x.device(), kOp, name, " must be on x's device ", x.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), kOp, name, " must have x's dtype ", x.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, kOp, name, " must have shape ", shape, ", got ", t.sizes());
-}
-
-template <typename T>
-T const* Ptr(std::optional<at::Tensor> const& t) {
-  return t.has_value() ? reinterpret_cast<T const*>(t->const_data_ptr()) : nullptr;
-}
-
-int64_t Stride(std::optional<at::Tensor> const& t, int dim) { return t.has_value() ? t->stride(dim) : 0; }
+using omni::conv_launch::CheckLike;
+using omni::conv_launch::Ptr;
+using omni::conv_launch::Stride;
 
 template <typename T>
 void Launch(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Tensor> const& bias, int64_t dilation,
@@ -81,19 +73,19 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
   TORCH_CHECK(weight.size(1) == C_in / groups, kOp, "weight ", weight.sizes(), " does not take ", C_in,
               " input channels in ", groups, " groups");
   TORCH_CHECK(!depthwise || C_out % C_in == 0, kOp, "depthwise C_out ", C_out, " must be a multiple of C_in ", C_in);
-  CheckLike(weight, "weight", x, weight.sizes());
-  if (bias.has_value()) CheckLike(*bias, "bias", x, {C_out});
+  CheckLike(kOp, weight, "weight", x, weight.sizes());
+  if (bias.has_value()) CheckLike(kOp, *bias, "bias", x, {C_out});
   int64_t const ctx = (K - 1) * dilation;
   TORCH_CHECK(ctx <= (1 << 20), kOp, "context (K - 1) * dilation = ", ctx, " exceeds the limit 2^20");
-  if (state.has_value()) CheckLike(*state, "state", x, {B, C_in, ctx});
+  if (state.has_value()) CheckLike(kOp, *state, "state", x, {B, C_in, ctx});
   TORCH_CHECK(snake_alpha.has_value() == snake_beta.has_value(), kOp,
               "snake_alpha and snake_beta must be given together");
   if (snake_alpha.has_value()) {
-    CheckLike(*snake_alpha, "snake_alpha", x, {C_in});
-    CheckLike(*snake_beta, "snake_beta", x, {C_in});
+    CheckLike(kOp, *snake_alpha, "snake_alpha", x, {C_in});
+    CheckLike(kOp, *snake_beta, "snake_beta", x, {C_in});
   }
-  CheckLike(out, "out", x, {B, C_out, L});
-  CheckLike(new_state, "new_state", x, {B, C_in, ctx});
+  CheckLike(kOp, out, "out", x, {B, C_out, L});
+  CheckLike(kOp, new_state, "new_state", x, {B, C_in, ctx});
   TORCH_CHECK(out.numel() == 0 || x.numel() == 0 || out.data_ptr() != x.data_ptr(), kOp, "out must not alias x");
   TORCH_CHECK(!state.has_value() || new_state.data_ptr() != state->data_ptr() ||
                   new_state.strides() == state->strides(),

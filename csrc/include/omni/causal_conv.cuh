@@ -30,6 +30,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 namespace omni {
 
@@ -59,9 +60,11 @@ __device__ __forceinline__ float Round(float v) {
   return ToFloat(FromFloat<T>(v));
 }
 
-// SnakeBeta constants of channel c, rounded as snake_beta_ref: a = e^alpha, inv = 1 / (e^beta + 1e-9).
-template <typename T>
-__device__ __forceinline__ void SnakeParams(CausalConv1dArgs<T> const& p, int c, float& a, float& inv) {
+// SnakeBeta constants of channel c, rounded as snake_beta_ref: a = e^alpha, inv = 1 / (e^beta + 1e-9). Args: any
+// conv's argument struct with alpha, beta and their strides sa, sbe (causal_conv_transpose.cuh's too).
+template <typename Args>
+__device__ __forceinline__ void SnakeParams(Args const& p, int c, float& a, float& inv) {
+  using T = std::remove_cv_t<std::remove_pointer_t<decltype(p.alpha)>>;
   a = Round<T>(expf(ToFloat(p.alpha[c * p.sa])));
   float const eb = Round<T>(Round<T>(expf(ToFloat(p.beta[c * p.sbe]))) + 1e-9f);
   inv = Round<T>(__fdiv_rn(1.f, eb));

@@ -57,19 +57,12 @@ constexpr int kCausalConvTranspose1dMaxTaps = 4;
 namespace convt_detail {
 
 using conv_detail::Round;
+using conv_detail::SnakeParams;
 
 template <typename T>
 __device__ __forceinline__ int Frames(CausalConvTranspose1dArgs<T> const& p) {
   int const n = p.state_len + p.length - (p.taps - 1);
   return n > 0 ? n : 0;
-}
-
-// SnakeBeta constants of channel c, rounded as snake_beta_ref: a = e^alpha, inv = 1 / (e^beta + 1e-9).
-template <typename T>
-__device__ __forceinline__ void SnakeParams(CausalConvTranspose1dArgs<T> const& p, int c, float& a, float& inv) {
-  a = Round<T>(expf(ToFloat(p.alpha[c * p.sa])));
-  float const eb = Round<T>(Round<T>(expf(ToFloat(p.beta[c * p.sbe]))) + 1e-9f);
-  inv = Round<T>(__fdiv_rn(1.f, eb));
 }
 
 // window[c, pos] of batch row b, 0 <= pos < S + L (x/state pointers already at row b, channel c).
