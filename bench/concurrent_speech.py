@@ -1,16 +1,18 @@
 """Concurrent spoken answers: first audio packet and real-time factor at concurrency 1, 2, 4, 6, 8 (the paper's
-Table 2 has 1, 4 and 6), batched (``OmniModel.stream_batch``: every thinker step and talker frame shared) against the
-same requests served one after another by the single-request pipeline (``OmniModel.stream``).
+Table 2 has 1, 4 and 6), batched (``OmniModel.speech_engine``: every thinker step, talker frame and Code2Wav push
+shared) against the same requests served one after another by the single-request pipeline (``OmniModel.stream``).
 
     python bench/concurrent_speech.py [--device cuda --dtype bfloat16 --full-size] [--concurrency 1,2,4,6,8]
+                                      [--arrival-ms 0]
 
-All requests arrive at once; each has its own prompt (40 user tokens, different words). Greedy thinker and talker,
-``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so every answer speaks the same number of
-frames. Per concurrency: first text token and first audio packet (median and worst request, from the common start),
-wall time, RTF (wall time
-over one answer's audio seconds: 1.0 means every stream plays as fast as it is made) and audio seconds made per
-wall second. Batched answers are checked equal to the sequential ones (text and codes). Model flags as in
-e2e_latency.py. Writes bench/results/concurrent_speech[_full]_<device>.json.
+Request i arrives at i x ``--arrival-ms`` (default 0: all at once); each has its own prompt (40 user tokens,
+different words). The batched server submits each request when it arrives; the sequential one starts it when it has
+arrived and the previous one is done. Greedy thinker and talker, ``--answer-tokens`` text tokens and
+``--talker-tokens`` talker steps each, so every answer speaks the same number of frames. Per concurrency: first text
+token and first audio packet (median and worst request, from its arrival), wall time, RTF (the worst request's time
+from arrival to its last sample over its audio seconds: below 1.0 every stream plays without a stall once started)
+and audio seconds made per wall second. Batched answers are checked equal to the sequential ones (text and codes).
+Model flags as in e2e_latency.py. Writes bench/results/concurrent_speech[_full][_arrival<ms>]_<device>.json.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
 def parse_args():
     p = speech_parser(__doc__)
     p.add_argument("--concurrency", default="1,2,4,6,8")
+    p.add_argument("--arrival-ms", type=float, default=0.0, help="time between two requests' arrivals")
     return p.parse_args()
 
 
@@ -38,52 +41,67 @@ def request_kwargs(args) -> dict:
                 talker_sampling=GREEDY_TALKER)
 
 
-def summary(first_tokens: list[float], first_packets: list[float], wall: float, audio_s: list[float]) -> dict:
-    return {"first_token_ms_median": 1e3 * statistics.median(first_tokens),
-            "first_packet_ms_median": 1e3 * statistics.median(first_packets),
-            "first_packet_ms_max": 1e3 * max(first_packets), "wall_ms": 1e3 * wall,
-            "rtf": wall / max(audio_s), "audio_s_per_s": sum(audio_s) / wall}
+class Answers:
+    """Per request: arrival, first text token, first audio packet and last sample (seconds from the run's start),
+    samples and codes."""
+
+    def __init__(self, count: int, arrival_s: float):
+        self.arrival = [i * arrival_s for i in range(count)]
+        self.first_token, self.first_packet, self.done = [None] * count, [None] * count, [None] * count
+        self.samples, self.codes = [0] * count, [[] for _ in range(count)]
+
+    def record(self, index: int, event, now: float) -> None:
+        if event.text_ids and self.first_token[index] is None:
+            self.first_token[index] = now
+        if event.audio is not None:
+            self.first_packet[index] = self.first_packet[index] or now
+            self.done[index] = now
+            self.samples[index] += event.audio.numel()
+        if event.codes is not None:
+            self.codes[index].append(event.codes)
+
+    def summary(self, wall: float) -> tuple[dict, list[torch.Tensor]]:
+        since = lambda times: [t - a for t, a in zip(times, self.arrival)]  # noqa: E731
+        audio_s = [s / 24000 for s in self.samples]
+        tokens, packets = since(self.first_token), since(self.first_packet)
+        row = {"first_token_ms_median": 1e3 * statistics.median(tokens),
+               "first_packet_ms_median": 1e3 * statistics.median(packets),
+               "first_packet_ms_max": 1e3 * max(packets), "wall_ms": 1e3 * wall,
+               "rtf": max(d / a for d, a in zip(since(self.done), audio_s)), "audio_s_per_s": sum(audio_s) / wall}
+        return row, [torch.cat(c, dim=1) for c in self.codes]
+
+
+def wait_until(start: float, moment: float) -> None:
+    time.sleep(max(0.0, start + moment - time.perf_counter()))
 
 
 def run_batched(model, prompts, args) -> tuple[dict, list]:
     timer = StageTimer(model.device)
-    count = len(prompts)
-    first, tokens, samples, codes = [None] * count, [None] * count, [0] * count, [[] for _ in prompts]
+    answers = Answers(len(prompts), args.arrival_ms / 1e3)
+    engine = model.speech_engine(max_batch=len(prompts), timer=timer)
+    ids = {}
     start = time.perf_counter()
-    for index, event in model.stream_batch(prompts, max_batch=count, timer=timer, **request_kwargs(args)):
-        if event.text_ids:
-            tokens[index] = tokens[index] or time.perf_counter() - start
-        if event.audio is not None:
-            first[index] = first[index] or time.perf_counter() - start
-            samples[index] += event.audio.numel()
-        if event.codes is not None:
-            codes[index].append(event.codes)
-    wall = time.perf_counter() - start
-    row = summary(tokens, first, wall, [s / 24000 for s in samples])
+    while len(ids) < len(prompts) or engine.busy:
+        if not engine.busy:   # idle until the next request arrives
+            wait_until(start, answers.arrival[len(ids)])
+        while len(ids) < len(prompts) and time.perf_counter() - start >= answers.arrival[len(ids)]:
+            ids[engine.submit(prompts[len(ids)], **request_kwargs(args))] = len(ids)
+        for request, event in engine.step():
+            answers.record(ids[request], event, time.perf_counter() - start)
+    row, codes = answers.summary(time.perf_counter() - start)
     row["stages_ms"] = {k: 1e3 * v for k, v in timer.seconds.items()}
     row["stage_calls"] = dict(timer.calls)
-    return row, [torch.cat(c, dim=1) for c in codes]
+    return row, codes
 
 
 def run_sequential(model, prompts, args) -> tuple[dict, list]:
-    first, tokens, samples, codes = [], [], [], []
+    answers = Answers(len(prompts), args.arrival_ms / 1e3)
     start = time.perf_counter()
-    for prompt in prompts:
-        got_first, got_token, total, frames = None, None, 0, []
+    for index, prompt in enumerate(prompts):
+        wait_until(start, answers.arrival[index])
         for event in model.stream(prompt, **request_kwargs(args)):
-            if event.text_ids:
-                got_token = got_token or time.perf_counter() - start
-            if event.audio is not None:
-                got_first = got_first or time.perf_counter() - start
-                total += event.audio.numel()
-            if event.codes is not None:
-                frames.append(event.codes)
-        first.append(got_first)
-        tokens.append(got_token)
-        samples.append(total)
-        codes.append(torch.cat(frames, dim=1))
-    wall = time.perf_counter() - start
-    return summary(tokens, first, wall, [s / 24000 for s in samples]), codes
+            answers.record(index, event, time.perf_counter() - start)
+    return answers.summary(time.perf_counter() - start)
 
 
 def best_of(fn, repeats: int):
@@ -109,11 +127,13 @@ def main():
         same = all(torch.equal(a, b) for a, b in zip(batched_codes, sequential_codes))
         rows.append({"concurrency": count, "batched": batched, "sequential": sequential, "same_codes": same})
     result = {"bench": "concurrent_speech", "env": environment(device), "dtype": args.dtype, "model": config,
-              "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens, "results": rows,
+              "answer_tokens": args.answer_tokens, "talker_max_new_tokens": args.talker_tokens,
+              "arrival_ms": args.arrival_ms, "results": rows,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    path = save("concurrent_speech" + ("_full" if args.full_size else ""), result)
+    name = "concurrent_speech" + ("_full" if args.full_size else "")
+    path = save(name + (f"_arrival{args.arrival_ms:g}" if args.arrival_ms else ""), result)
     print(f"{result['env']['device']}, {args.dtype}: {args.answer_tokens} text tokens, {args.talker_tokens - 1} "
-          "frames per answer")
+          f"frames per answer, a request every {args.arrival_ms:g} ms")
     print(f"{'':>4} {'':10} {'first token p50':>16} {'first packet p50':>17} {'max':>9} {'wall':>9} {'RTF':>7} "
           f"{'audio s/s':>10}")
     for r in rows:

@@ -9,6 +9,7 @@ import torch
 
 from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
+from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import assistant_start
@@ -91,7 +92,7 @@ class OmniModel:
         # On a GPU one static stream for every answer, its pushes replaying CUDA graphs once its buffers exist; on a
         # CPU a fresh exact stream per answer.
         self.code2wav_runner = None
-        self.code2wav_pool: list[Code2WavRunner] = []   # per row of the batched talker, built as rows are used
+        self.batched_code2wav: Code2WavRows | None = None        # the same, one stream per concurrent answer
         if self.code2wav is not None and device.type == "cuda":
             self.code2wav_runner = Code2WavRunner(self.code2wav)
 
@@ -144,16 +145,11 @@ class OmniModel:
     def decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None
 
-    def code2wav_stream(self, slot: int | None = None) -> Code2WavStream | Code2WavRunner:
-        """A new Code2Wav stream (``push``/``flush``); on a GPU a runner's, restarted: the single pipeline's, or with
-        ``slot`` the one of that row of the batched talker (concurrent answers, each its own static stream)."""
+    def code2wav_stream(self) -> Code2WavStream | Code2WavRunner:
+        """A new Code2Wav stream (``push``/``flush``); on a GPU the runner's, restarted (its graphs replay)."""
         if self.code2wav_runner is None:
             return Code2WavStream(self.code2wav)
-        if slot is None:
-            return self.code2wav_runner.start()
-        while len(self.code2wav_pool) <= slot:
-            self.code2wav_pool.append(Code2WavRunner(self.code2wav))
-        return self.code2wav_pool[slot].start()
+        return self.code2wav_runner.start()
 
     def generate(
         self,
@@ -272,7 +268,8 @@ class OmniModel:
         ``engine.step()`` runs one tick over up to ``max_batch`` live answers and returns the ``(id, event)`` pairs
         it made final; ``engine.cancel(id)`` drops a request; ``engine.busy`` says whether any waits or runs. The
         engine uses the model's batched runners: one engine at a time."""
-        return SpeechEngine(self, self._batched_thinker(max_batch), self._batched_talker(max_batch), timer)
+        return SpeechEngine(self, self._batched_thinker(max_batch), self._batched_talker(max_batch),
+                            self._batched_code2wav(max_batch), timer)
 
     def speech_request(
         self,
@@ -381,6 +378,13 @@ class OmniModel:
                                                       self.device, self.dtype, single.code0_suppress,
                                                       single.frame_weights)
         return self.batched_talker
+
+    def _batched_code2wav(self, max_batch: int) -> Code2WavRows:
+        """One Code2Wav stream per concurrent answer, built on first use."""
+        if self.batched_code2wav is None or self.batched_code2wav.max_batch != max_batch:
+            _check_idle(self.batched_code2wav)
+            self.batched_code2wav = Code2WavRows(self.code2wav, max_batch)
+        return self.batched_code2wav
 
     def stream(
         self,

@@ -233,25 +233,43 @@ class SpeechSession:
         return StreamEvent(text_ids=ids, text=self.detokenizer.push(ids) if self.detokenizer else None)
 
 
-class AudioPackets:
-    """An answer's finished frames -> its Code2Wav stream, in chunks of ``first_chunk_frames`` and then
-    ``chunk_frames``; each push's samples are final (the stream carries its state, nothing is decoded twice)."""
+class PacketSchedule:
+    """An answer's finished frames, in packets for Code2Wav: ``first_chunk_frames``, then ``chunk_frames`` each."""
 
-    def __init__(self, code2wav, options: SpeechOptions, timer: StageTimer):
-        self.code2wav, self.options, self.timer = code2wav, options, timer
+    def __init__(self, options: SpeechOptions):
+        self.options = options
         self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
         self.frames_sent = 0
 
     def add(self, frame: torch.Tensor) -> None:
         self.pending.append(frame)
 
+    def take(self, final: bool, on_beat: bool = False) -> torch.Tensor | None:
+        """The packet due now, [16, n], or None. ``final``: whatever is pending. ``on_beat``: a later packet goes
+        out short, so that concurrent answers' packets fall on the same ticks and decode together (speech_batch.py);
+        a packet is never later than it would be without it."""
+        first = self.frames_sent == 0
+        want = self.options.first_chunk_frames if first else self.options.chunk_frames
+        if not self.pending or not (final or len(self.pending) >= want or (on_beat and not first)):
+            return None
+        codes = torch.stack(self.pending, dim=1)                           # [16, n]
+        self.frames_sent += codes.shape[1]
+        self.pending = []
+        return codes
+
+
+class AudioPackets(PacketSchedule):
+    """An answer's finished frames -> its Code2Wav stream, in packets; each push's samples are final (the stream
+    carries its state, nothing is decoded twice)."""
+
+    def __init__(self, code2wav, options: SpeechOptions, timer: StageTimer):
+        super().__init__(options)
+        self.code2wav, self.timer = code2wav, timer
+
     def events(self, final: bool) -> Iterator[StreamEvent]:
         """The packet due now (``final``: whatever is pending, then the stream's tail)."""
-        want = self.options.first_chunk_frames if self.frames_sent == 0 else self.options.chunk_frames
-        if self.pending and (final or len(self.pending) >= want):
-            codes = torch.stack(self.pending, dim=1)                       # [16, n]
-            self.frames_sent += codes.shape[1]
-            self.pending = []
+        codes = self.take(final)
+        if codes is not None:
             with self.timer("code2wav"):
                 audio = self.code2wav.push(codes[None])[0, 0]
             yield StreamEvent(audio=audio, codes=codes)

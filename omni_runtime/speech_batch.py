@@ -1,29 +1,37 @@
-"""Concurrent spoken answers: up to ``max_batch`` requests share every thinker step and every talker frame.
+"""Concurrent spoken answers: up to ``max_batch`` requests share every thinker step, every talker frame and every
+Code2Wav push.
 
 ``SpeechEngine`` is a server's loop: ``submit`` queues a request at any time, each ``step()`` is one tick, ``cancel``
 drops a request (a client that went away) and frees its rows. A tick advances every live answer by one thinker token
 (one batched step of the thinker's rows) and one speech frame (one batched frame of the talker's rows: talker step,
-codebook-0 draws, the predictor's 15 steps), then sends each answer's finished frames to its own Code2Wav stream. A
-request is admitted as soon as a thinker row and a talker row are free; the thinker prefills of the requests admitted
-in one tick run together. As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first
-two tokens and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill
-(together with the other answers that start in the same tick). An answer keeps its thinker row until its text ends
-and its talker row until its speech ends. Every answer is the one the single-request pipeline gives its prompt: the
-same rows of text conditioning in the same order, its own samplers and seeds, its own codebook-0 history.
+codebook-0 draws, the predictor's 15 steps), then decodes the audio packets due: each answer's Code2Wav stream is a
+row of ``Code2WavRows``, and the packets due in one tick decode in one batched push per packet size. After its first
+packet an answer sends its frames on the engine's beat (ticks that are multiples of ``chunk_frames``), so answers
+that started at different ticks still decode together; its second packet may go out short for that, never late.
+
+A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
+requests admitted in one tick run together. As in the single-request pipeline (pipeline.py) the talker starts after
+the thinker's first two tokens and never waits for the whole text, and the first frame's predictor runs right after
+the talker's prefill (together with the other answers that start in the same tick). An answer keeps its thinker row
+until its text ends, its talker row until its speech ends and its Code2Wav row until its last packet is decoded.
+Every answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in the same
+order, its own samplers and seeds, its own codebook-0 history.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.multimodal import MediaInputs, talker_positions
-from omni_runtime.pipeline import (AudioPackets, IncrementalText, SpeechOptions, StageTimer, StreamEvent,
+from omni_runtime.pipeline import (IncrementalText, PacketSchedule, SpeechOptions, StageTimer, StreamEvent,
                                    ThinkerStream, start_thinker_rows, step_thinker_rows)
 from omni_runtime.sampling import Sampler
 
@@ -40,15 +48,17 @@ class SpeechRequest:
 
 @dataclass
 class SpokenAnswer:
-    """One admitted request: its thinker stream and row, its talker row while it speaks, its audio packets."""
+    """One admitted request: its thinker stream and row, its talker row while it speaks, its Code2Wav row until its
+    last packet, its audio packets."""
     index: int
     request: SpeechRequest
     thinker: ThinkerStream
     thinker_row: int
     talker_row: int | None
+    code2wav_row: int | None
     prompt_embeds: torch.Tensor
     text: TextConditioner
-    packets: AudioPackets
+    packets: PacketSchedule
     detokenizer: IncrementalText | None
     frames: int = 0                                 # frames made so far
     frame_embed: torch.Tensor | None = None         # the last frame's embedding [1, 1, H] (next talker input)
@@ -58,14 +68,15 @@ class SpokenAnswer:
 
 
 class SpeechEngine:
-    def __init__(self, model, thinker: BatchedThinkerRunner, talker: BatchedTalkerRunner,
+    def __init__(self, model, thinker: BatchedThinkerRunner, talker: BatchedTalkerRunner, code2wav: Code2WavRows,
                  timer: StageTimer | None = None):
-        self.model, self.thinker_rows, self.talker_rows = model, thinker, talker
+        self.model, self.thinker_rows, self.talker_rows, self.code2wav_rows = model, thinker, talker, code2wav
         self.timer = timer or StageTimer(model.device)
         self.requests: list[SpeechRequest] = []
         self.waiting: list[int] = []                   # request ids, oldest first
         self.live: list[SpokenAnswer] = []
         self.finish_reasons: dict[int, str] = {}       # request id -> the thinker's finish reason, once known
+        self.ticks = 0
 
     @property
     def busy(self) -> bool:
@@ -98,6 +109,8 @@ class SpeechEngine:
         self._thinker_step()
         self._talker_frames()    # answers already speaking
         self._talker_starts()    # answers whose speech starts now: their first frame
+        self._decode_packets()
+        self.ticks += 1
         out = []
         for answer in list(self.live):
             out += [(answer.index, event) for event in answer.events]
@@ -125,7 +138,8 @@ class SpeechEngine:
         """Every waiting request that finds a free thinker row and a free talker row starts: their thinker prefills
         run together."""
         indices = []
-        while self.waiting and len(indices) < min(self.thinker_rows.free_rows(), self.talker_rows.free_rows()):
+        free = min(self.thinker_rows.free_rows(), self.talker_rows.free_rows(), self.code2wav_rows.free_rows())
+        while self.waiting and len(indices) < free:
             indices.append(self.waiting.pop(0))
         requests, starts = [self.requests[i] for i in indices], []
         for n, (index, r) in enumerate(zip(indices, requests)):
@@ -145,11 +159,9 @@ class SpeechEngine:
         for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
             text = TextConditioner(model.talker, model.thinker.model.embed_tokens, cfg.tokens)
             text.add_prompt(prompt.embeds[:, assistant_start(request.ids, cfg.tokens):])
-            talker_row = self.talker_rows.acquire()
             self.live.append(SpokenAnswer(
-                index, request, thinker, row, talker_row, prompt.embeds, text,
-                AudioPackets(model.code2wav_stream(slot=talker_row), request.options, self.timer),
-                IncrementalText(decode) if decode else None))
+                index, request, thinker, row, self.talker_rows.acquire(), self.code2wav_rows.acquire(),
+                prompt.embeds, text, PacketSchedule(request.options), IncrementalText(decode) if decode else None))
 
     def _thinker_step(self) -> None:
         going = {a.thinker_row: a for a in self.live if not a.thinker.finished}
@@ -215,7 +227,6 @@ class SpeechEngine:
     def _add_frame(self, answer: SpokenAnswer, frame: torch.Tensor, frame_embed: torch.Tensor) -> None:
         answer.frames += 1
         answer.packets.add(frame)
-        answer.events.extend(answer.packets.events(final=False))
         if answer.frames == answer.request.options.talker_max_new_tokens - 1:
             self._end_speech(answer)
         else:
@@ -225,7 +236,28 @@ class SpeechEngine:
         answer.speech_done, answer.frame_embed = True, None
         self.talker_rows.release(answer.talker_row)
         answer.talker_row = None
-        answer.events.extend(answer.packets.events(final=True))
+
+    def _decode_packets(self) -> None:
+        """Decodes every packet due this tick: one batched Code2Wav push per (frames, first packet or not); an
+        answer whose speech has ended sends what is left and gives its row back."""
+        groups = defaultdict(list)
+        for answer in self.live:
+            if answer.code2wav_row is None:
+                continue
+            on_beat = self.ticks % answer.request.options.chunk_frames == 0
+            codes = answer.packets.take(final=answer.speech_done, on_beat=on_beat)
+            if codes is not None:
+                first = self.code2wav_rows.frames[answer.code2wav_row] == 0
+                groups[codes.shape[1], first].append((answer, codes))
+        for group in groups.values():
+            with self.timer("code2wav"):
+                audio = self.code2wav_rows.push([a.code2wav_row for a, _ in group], torch.stack([c for _, c in group]))
+            for (answer, codes), samples in zip(group, audio[:, 0]):
+                answer.events.append(StreamEvent(audio=samples, codes=codes))
+        for answer in self.live:
+            if answer.speech_done and answer.code2wav_row is not None:
+                self.code2wav_rows.release(answer.code2wav_row)
+                answer.code2wav_row = None
 
     def _retire(self, answer: SpokenAnswer) -> None:
         self.thinker_rows.release(answer.thinker_row)
@@ -235,3 +267,5 @@ class SpeechEngine:
         self.thinker_rows.release(answer.thinker_row)
         if answer.talker_row is not None:
             self.talker_rows.release(answer.talker_row)
+        if answer.code2wav_row is not None:
+            self.code2wav_rows.release(answer.code2wav_row)

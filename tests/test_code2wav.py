@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStream, load_code2wav
 
@@ -243,3 +244,103 @@ def test_code2wav_chunk_graph_replays_like_eager(reference_checkpoint):
     eager = runner_decode(Code2WavRunner(model, capture=False), codes, chunks)
     for wav in graphed:
         torch.testing.assert_close(wav, eager, atol=1e-5, rtol=0)
+
+
+# --- rows of streams decoded together (concurrent answers) --------------------------------------------------------
+
+def rows_decode(rows: Code2WavRows, codes: list[torch.Tensor], schedule) -> list[torch.Tensor]:
+    """Pushes ``schedule``'s (row indices, frames) in order, each a batched push of the next frames of those rows'
+    codes ([1, 16, T] each) -> every row's samples so far."""
+    pieces, starts = [[] for _ in codes], [0] * len(codes)
+    for members, n in schedule:
+        chunk = torch.cat([codes[i][..., starts[i]:starts[i] + n] for i in members])
+        first = [starts[i] == 0 for i in members]
+        wav = rows.push(list(members), chunk)
+        assert wav.shape == (len(members), 1, 1920 * n - (555 if first[0] else 0))
+        for j, i in enumerate(members):
+            pieces[i].append(wav[j:j + 1])
+            starts[i] += n
+    return [torch.cat(p, dim=-1) for p in pieces]
+
+
+# Four streams at their own positions: rows that start later, pushes of mixed sizes, buckets with a spare row (3 of
+# 4), and rows past the 72-frame window next to rows still filling it.
+ROW_SCHEDULE = [((0,), 1), ((0,), 40), ((1, 2), 1), ((0, 1, 2), 4), ((3,), 3), ((0, 1, 2, 3), 30), ((2, 3), 2),
+                ((0, 3), 1), ((0, 1, 2), 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_equal_their_own_streams(models, dtype):
+    model, _ = models[dtype]
+    codes = [random_codes(1, 90, seed=800 + i) for i in range(4)]
+    rows = Code2WavRows(model, max_batch=4, capture=False)
+    assert [rows.acquire() for _ in range(4)] == [0, 1, 2, 3]
+    got = rows_decode(rows, codes, ROW_SCHEDULE)
+    for i, wav in enumerate(got):
+        chunks = [n for members, n in ROW_SCHEDULE if i in members]
+        exact, _ = stream_decode(model, codes[i][..., :sum(chunks)], chunks)
+        if dtype == torch.float32:
+            torch.testing.assert_close(wav, exact, atol=1e-5, rtol=0)
+        else:   # bf16 rows round like the bf16 stream, each apart from fp32 by what the offline bf16 decode is
+            fp32 = models[torch.float32][0](codes[i][..., :sum(chunks)])
+            assert (wav - fp32).abs().max() <= 2 * (exact - fp32).abs().max() + 1e-2
+    assert rows.frames == [81, 40, 42, 36]
+    assert rows.positions[:4].tolist() == rows.frames
+
+
+def test_released_rows_start_new_streams_and_idle_rows_keep_theirs(models):
+    model, _ = models[torch.float32]
+    rows = Code2WavRows(model, max_batch=4, capture=False)
+    codes = [random_codes(1, 30, seed=810 + i) for i in range(4)]
+    for _ in range(4):
+        rows.acquire()
+    rows.push([0, 1, 2, 3], torch.cat([c[..., :2] for c in codes]))
+    rows.release(0)                     # row 0's answer ended; row 3 waits for its next frames
+    assert rows.acquire() == 0 and rows.frames[0] == 0
+    fresh = random_codes(1, 30, seed=820)
+    got = [rows.push([0], fresh[..., :3])]
+    rows.push([1, 2], torch.cat([c[..., 2:6] for c in codes[1:3]]))   # a bucket of 2
+    got.append(rows.push([0, 1, 2], torch.cat([fresh[..., 3:8], *(c[..., 6:11] for c in codes[1:3])]))[:1])
+    exact, _ = stream_decode(model, fresh[..., :8], (3, 5))
+    torch.testing.assert_close(torch.cat(got, dim=-1), exact, atol=1e-5, rtol=0)
+    late = rows.push([3], codes[3][..., 2:6])   # after a push of 3 rows padded into the spare row
+    full, _ = stream_decode(model, codes[3][..., :6], (2, 4))
+    torch.testing.assert_close(late, full[..., 1920 * 2 - 555:], atol=1e-5, rtol=0)
+
+
+def test_rows_reject_bad_pushes(models):
+    model, _ = models[torch.float32]
+    rows = Code2WavRows(model, max_batch=2, capture=False)
+    row = rows.acquire()
+    with pytest.raises(ValueError, match=r"rows \[1\] hold no stream"):
+        rows.push([row, 1], random_codes(2, 1))
+    with pytest.raises(ValueError, match="distinct rows"):
+        rows.push([row, row], random_codes(2, 1))
+    with pytest.raises(ValueError, match="one row of codes each"):
+        rows.push([row], random_codes(2, 1))
+    with pytest.raises(ValueError, match="must be in"):
+        rows.push([row], random_codes(1, 1) + 2048)
+    rows.push([row], random_codes(1, 2))
+    other = rows.acquire()
+    with pytest.raises(ValueError, match="mix first pushes with later ones"):
+        rows.push([row, other], random_codes(2, 1))
+    with pytest.raises(ValueError, match="all 2 rows of the batched Code2Wav are in use"):
+        rows.acquire()
+
+
+@pytest.mark.gpu
+def test_rows_graphs_replay_like_eager(reference_checkpoint):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    model = load_code2wav(reference_checkpoint()[0], device="cuda")
+    codes = [random_codes(1, 90, seed=830 + i).cuda() for i in range(4)]
+    graphed = Code2WavRows(model, max_batch=4)
+    eager = Code2WavRows(model, max_batch=4, capture=False)
+    for rows in (graphed, eager):
+        for _ in range(4):
+            rows.acquire()
+    schedule = ROW_SCHEDULE + [((0, 1, 2), 4), ((0, 1, 2), 4)]   # pushes of captured shapes replay
+    got, expected = rows_decode(graphed, codes, schedule), rows_decode(eager, codes, schedule)
+    assert graphed.graphs and all(g.graph is not None for g in graphed.graphs.values())
+    for wav, want in zip(got, expected):
+        torch.testing.assert_close(wav, want, atol=1e-5, rtol=0)

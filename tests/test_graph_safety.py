@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 import omni_kernels as ok
 from omni_kernels._triton import HAS_TRITON
 from omni_runtime import OmniModel
+from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
 from omni_runtime.sampling import Sampler, SamplingParams
 
@@ -106,6 +107,19 @@ def test_code2wav_push_reads_nothing_back(model):
         with NoHostReads():          # what Code2WavChunkGraph captures (the checks before it run on the host)
             wav = runner.stream.decode_checked(codes)
     assert wav.shape[0] == 1 and wav.numel() > 0
+
+
+def test_batched_code2wav_push_reads_nothing_back(model):
+    rows = Code2WavRows(model.code2wav, max_batch=4, capture=False)
+    for _ in range(3):
+        rows.acquire()
+    codes = torch.randint(0, 64, (4, 16, 2), generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([0, 1, 2, 4])   # three rows and the spare one, as a bucket of 4
+    with torch.inference_mode(), ok.use_backend("triton"):
+        rows.push([0, 1, 2], codes[:3])   # the first push makes the row buffers (not captured)
+        with NoHostReads():               # what a graph of Code2WavRows captures: gather, decode, scatter
+            wav = rows._push(index, codes, first=False)
+    assert wav.shape == (4, 1, 2 * 1920)
 
 
 def test_batched_thinker_step_reads_nothing_back(model):

@@ -10,6 +10,7 @@ import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.api import SpokenParts
 from omni_runtime.engine.batch_rows import batch_buckets
+from omni_runtime.pipeline import StageTimer
 from test_speech import GREEDY_TALKER
 from test_thinker_parity import IM_END, chat_prompt
 
@@ -37,11 +38,16 @@ def cpu_twins(backend: str):
         yield
 
 
+# Batched Code2Wav attends over a masked fixed window per row (engine/code2wav_batch.py), the single stream over the
+# exact keys: the same visibility, other shapes, so other roundings.
+WAVE_ATOL = 1e-5
+
+
 def assert_same_answers(got, expected, reasons: bool = True):
     for g, e in zip(got, expected, strict=True):
         assert g.text_ids == e.text_ids and (g.finish_reason == e.finish_reason or not reasons)
         assert torch.equal(g.codes, e.codes)
-        torch.testing.assert_close(g.audio, e.audio, atol=1e-6, rtol=0)
+        torch.testing.assert_close(g.audio, e.audio, atol=WAVE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("max_batch, steps", [(1, "cpp"), (3, "cpp"), (8, "cpp"), (3, "torch")])
@@ -127,6 +133,37 @@ def test_stream_batch_interleaves_answers(model):
     assert sorted(order[:3]) == [0, 1, 2]          # every answer's first packet before any second one
 
 
+def test_staggered_answers_decode_their_packets_together(model):
+    # Requests a tick apart: after its first packet, each answer sends its frames on the engine's beat (ticks that
+    # are multiples of chunk_frames), so their later packets share Code2Wav pushes; none holds more than chunk_frames
+    # frames, and each answer's audio is still its own.
+    batch = prompts(3)
+    kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, talker_max_new_tokens=14, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in batch]
+    timer = StageTimer()
+    engine = model.speech_engine(max_batch=3, timer=timer)
+    ids, packets = [], {}
+    tick = 0
+    while len(ids) < len(batch) or engine.busy:
+        if len(ids) < len(batch):
+            ids.append(engine.submit(batch[len(ids)], chunk_frames=4, **kwargs))
+        for rid, event in engine.step():
+            if event.audio is not None:
+                packets.setdefault(rid, []).append((tick, event))
+        tick += 1
+    pushes = set()
+    for rid, e in zip(ids, expected):
+        sizes = [event.codes.shape[1] for _, event in packets[rid]]
+        assert sizes[0] == 1 and max(sizes) <= 4 and sum(sizes) == e.codes.shape[1]
+        assert all(t % 4 == 0 for t, _ in packets[rid][1:-1])     # the last one goes when speech ends
+        torch.testing.assert_close(torch.cat([ev.audio for _, ev in packets[rid]]), e.audio, atol=WAVE_ATOL, rtol=0)
+        pushes |= {(t, ev.codes.shape[1], i == 0) for i, (t, ev) in enumerate(packets[rid])}
+    assert len({t for t, _ in packets[ids[0]][:1] + packets[ids[1]][:1] + packets[ids[2]][:1]}) == 3   # staggered
+    assert timer.calls["code2wav"] == len(pushes) < sum(len(p) for p in packets.values())
+    ticks = [t for p in packets.values() for t, ev in p if ev.codes.shape[1] == 4]
+    assert any(ticks.count(t) == 3 for t in ticks)   # a push of all three
+
+
 def test_engine_takes_requests_as_they_come_and_cancels(model):
     # a server's loop: requests arrive while others speak, one is cancelled mid-answer and one while it waits; the
     # others' answers are still their own, and every row is free at the end
@@ -152,9 +189,10 @@ def test_engine_takes_requests_as_they_come_and_cancels(model):
         text = [t for e in parts[rid] for t in e.text_ids]
         audio = torch.cat([e.audio for e in parts[rid] if e.audio is not None])
         assert text == expected[index].text_ids
-        torch.testing.assert_close(audio, expected[index].audio, atol=1e-6, rtol=0)
+        torch.testing.assert_close(audio, expected[index].audio, atol=WAVE_ATOL, rtol=0)
     assert later[2] not in parts and len(parts.get(later[1], [])) < len(parts[later[0]])
     assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    assert not any(model.batched_code2wav.live)
     with pytest.raises(ValueError, match="unknown speaker"):
         engine.submit(batch[0], speaker="nobody", talker_max_new_tokens=4)
     with pytest.raises(ValueError, match="in use with max_batch=2"):
@@ -173,6 +211,7 @@ def test_stopping_early_releases_everything(model):
         if count == 4:
             break
     assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    assert not any(model.batched_code2wav.live)
     assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
 
 

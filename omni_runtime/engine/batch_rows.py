@@ -34,28 +34,17 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
-class BatchedRows:
-    """``max_batch`` rows of ``max_len`` slots. Subclasses say what a step computes (``_step``: the static step of
-    one bucket, taking the bucket's inputs, positions, slots and lengths)."""
+class RowPool:
+    """Which of ``max_batch`` rows hold a sequence; a new one takes the lowest free row."""
 
     name = "batched decoder"
 
-    def __init__(self, cfg: MoeTextConfig, max_batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 capture: bool = True):
+    def __init__(self, max_batch: int):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_batch, self.capture = max_batch, capture
-        self.state = DecoderState(cfg, max_len, device, dtype, batch=max_batch)
-        rows = (3, max_batch, 1) if self.state.mrope_section else (max_batch, 1)
-        self.next_positions = torch.zeros(rows, dtype=torch.float32, device=device)   # each row's next position
-        self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)      # cached tokens per row
-        self.host_lengths = [0] * max_batch                                            # the same, on the host
+        self.max_batch = max_batch
         self.live = [False] * max_batch
         self.buckets = batch_buckets(max_batch)
-
-    @property
-    def max_len(self) -> int:
-        return self.state.cache.max_len
 
     def free_rows(self) -> int:
         return self.live.count(False)
@@ -70,6 +59,32 @@ class BatchedRows:
 
     def release(self, row: int) -> None:
         self.live[row] = False
+
+    def bucket(self, rows: int) -> int:
+        """The smallest bucket that holds ``rows`` rows."""
+        return next(b for b in self.buckets if b >= rows)
+
+
+class BatchedRows(RowPool):
+    """``max_batch`` rows of ``max_len`` slots. Subclasses say what a step computes (``_step``: the static step of
+    one bucket, taking the bucket's inputs, positions, slots and lengths)."""
+
+    def __init__(self, cfg: MoeTextConfig, max_batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 capture: bool = True):
+        super().__init__(max_batch)
+        self.capture = capture
+        self.state = DecoderState(cfg, max_len, device, dtype, batch=max_batch)
+        rows = (3, max_batch, 1) if self.state.mrope_section else (max_batch, 1)
+        self.next_positions = torch.zeros(rows, dtype=torch.float32, device=device)   # each row's next position
+        self.lengths = torch.zeros(max_batch, dtype=torch.int64, device=device)      # cached tokens per row
+        self.host_lengths = [0] * max_batch                                            # the same, on the host
+
+    @property
+    def max_len(self) -> int:
+        return self.state.cache.max_len
+
+    def release(self, row: int) -> None:
+        super().release(row)
         self.lengths[row] = self.host_lengths[row] = 0   # padding steps write slot 0 of this row until a prefill
 
     def prefill_context(self, row: int, positions: torch.Tensor) -> tuple[StepContext, CacheRows]:
@@ -91,7 +106,7 @@ class BatchedRows:
         full = [r for r in rows if not self.live[r] or self.host_lengths[r] >= self.max_len]
         if full:
             raise ValueError(f"rows {full} are free or hold all {self.max_len} positions of the {self.name}'s cache")
-        batch = next(b for b in self.buckets if b > max(rows))
+        batch = self.bucket(max(rows) + 1)
         index = torch.tensor(rows, device=self.state.device)
         padded = x.new_zeros(batch, *x.shape[1:])
         padded[index] = x

@@ -37,7 +37,8 @@ class Code2WavRunner:
         else:
             key = (*codes.shape, stream.state.fresh)
             if key not in self.graphs:
-                self.graphs[key] = Code2WavChunkGraph(stream, codes, self.capture)
+                self.graphs[key] = Code2WavChunkGraph(stream.decode_checked, (codes,), stream.state.tensors(),
+                                                      self.capture)
             wav = self.graphs[key](codes)
         stream.advance(codes.shape[-1])
         return wav

@@ -218,36 +218,38 @@ class BatchStepGraph(DecodeStepGraph):
 
 
 class Code2WavChunkGraph:
-    """One push of a static Code2Wav stream (``Code2WavStream(static=True)``) for a fixed chunk shape, captured once
-    and replayed for every later push of that shape: ~300 small kernels (8 transformer layers, ~40 convs) in one
-    launch. The graph reads and writes the stream's carried buffers in place; warm-up and capture leave them as they
-    were. ``capture=False`` (or a failed capture) runs the same push eagerly."""
+    """One push of static Code2Wav state for a fixed chunk shape, captured once and replayed for every later push of
+    that shape: ~300 small kernels (8 transformer layers, ~40 convs) in one launch. ``push(*inputs)`` decodes the
+    inputs (copied into static buffers: the codes, and the rows they belong to for batched rows) and updates
+    ``buffers``, the carried state, in place; warm-up and capture leave the buffers as they were. ``capture=False``
+    (or a failed capture) runs the same push eagerly."""
 
-    def __init__(self, stream, codes_like: torch.Tensor, capture: bool = True, warmup: int = 2):
-        self.stream, self.warmup = stream, warmup
-        self.codes = torch.zeros_like(codes_like)
+    def __init__(self, push: Callable[..., torch.Tensor], inputs_like: tuple[torch.Tensor, ...],
+                 buffers: list[torch.Tensor], capture: bool = True, warmup: int = 2):
+        self.push, self.buffers, self.warmup = push, buffers, warmup
+        self.inputs = tuple(torch.zeros_like(t) for t in inputs_like)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None
-        self.capture = capture and codes_like.device.type == "cuda"
+        self.capture = capture and inputs_like[0].device.type == "cuda"
 
-    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes: checked [B, Q, n] -> the push's samples (the caller advances the stream)."""
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """inputs: checked, shaped as ``inputs_like`` -> the push's samples (the caller advances the positions)."""
         if not self.capture:
-            return self.stream.decode_checked(codes)
-        self.codes.copy_(codes)
+            return self.push(*inputs)
+        for buffer, x in zip(self.inputs, inputs, strict=True):
+            buffer.copy_(x)
         if self.graph is None:
             self._capture()
             if self.graph is None:
-                return self.stream.decode_checked(codes)
+                return self.push(*inputs)
         self.graph.replay()
         return self.output.clone()
 
     def _capture(self) -> None:
-        buffers = self.stream.state.tensors()
-        saved = [t.clone() for t in buffers]
+        saved = [t.clone() for t in self.buffers]
 
         def restore():
-            for buffer, value in zip(buffers, saved):
+            for buffer, value in zip(self.buffers, saved):
                 buffer.copy_(value)
 
         try:
@@ -255,12 +257,12 @@ class Code2WavChunkGraph:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):   # warm up outside capture: Triton compiles, allocators settle
                 for _ in range(self.warmup):
-                    self.stream.decode_checked(self.codes)
+                    self.push(*self.inputs)
             torch.cuda.current_stream().wait_stream(side)
             restore()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.output = self.stream.decode_checked(self.codes)
+                self.output = self.push(*self.inputs)
             self.graph = graph
         except Exception as e:
             warnings.warn(f"Code2Wav chunk CUDA-graph capture failed, running eagerly: {e}", stacklevel=3)

@@ -95,12 +95,14 @@ class StreamState:
 
     ``static``: every carried tensor keeps its shape and address from the first push on (keys/values sit in a
     window - 1 frame buffer, the empty part masked; later pushes write into the same tensors, and the position is
-    read from ``position_tensor``), so a CUDA graph captured on one push replays the next ones."""
+    read from ``position_tensor``), so a CUDA graph captured on one push replays the next ones. ``position_tensor``
+    holds one position for all rows ([1]) or one per row ([B]: rows of independent streams decoded together,
+    engine/code2wav_batch.py)."""
     position: int = 0
     batch: int | None = None
     carried: dict[nn.Module, object] = field(default_factory=dict)
     static: bool = False
-    position_tensor: torch.Tensor | None = None   # static: [1] int64 on the model's device
+    position_tensor: torch.Tensor | None = None   # static: [1] or [B] int64 on the model's device
     fresh: bool = True                             # no push yet: modules see no carried state (buffers may be stale)
 
     def tensors(self) -> list[torch.Tensor]:
@@ -221,12 +223,13 @@ def static_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             position: torch.Tensor) -> torch.Tensor:
     """The static stream's attention. k/v: [B, nkv, window - 1 + Tq, D], a window - 1 frame buffer of earlier keys
     (its last ``min(position, window - 1)`` frames real, the rest empty) then the Tq new ones; the same visibility
-    as ``sliding_window_attention`` on the real keys, with lengths from the device tensor ``position`` ([1])."""
+    as ``sliding_window_attention`` on the real keys, with lengths from the device tensor ``position`` ([1] for
+    every row, or [B] one per row)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     query_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
     key_pos = torch.arange(kv_len, device=q.device)[None, :]
-    first_real = (window - 1) - torch.clamp(position, max=window - 1)                    # [1]
-    mask = (key_pos <= query_pos) & (key_pos > query_pos - window) & (key_pos >= first_real)   # [Tq, Tk]
+    first_real = (window - 1) - torch.clamp(position, max=window - 1)[:, None, None, None]   # [B or 1, 1, 1, 1]
+    mask = (key_pos <= query_pos) & (key_pos > query_pos - window) & (key_pos >= first_real)  # [B or 1, 1, Tq, Tk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -330,11 +333,11 @@ class PreTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, stream: StreamState | None = None) -> torch.Tensor:
         if stream is not None and stream.static:   # the position from the device: one graph for every push
-            positions = stream.position_tensor + torch.arange(x.shape[1], device=x.device)[None]   # [1, T]
+            positions = stream.position_tensor[:, None] + torch.arange(x.shape[1], device=x.device)  # [B or 1, T]
         else:
             start = 0 if stream is None else stream.position
             positions = torch.arange(start, start + x.shape[1], device=x.device)[None]
-        cos, sin = ok.mrope_cos_sin_ref(positions, self.inv_freq(x.device), None, x.dtype)   # [1, T, D]
+        cos, sin = ok.mrope_cos_sin_ref(positions, self.inv_freq(x.device), None, x.dtype)   # [B or 1, T, D]
         h = self.layers[0].input_layernorm(x)
         for index, layer in enumerate(self.layers):
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
