@@ -25,8 +25,9 @@ from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
-from omni_runtime.pipeline import (IncrementalText, SpeechOptions, SpeechSession, StageTimer, StreamEvent,
-                                   ThinkerStream, start_thinker_rows, step_thinker_rows)
+from omni_runtime.pipeline import (ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession, StageTimer,
+                                   StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
+                                   step_thinker_rows)
 from omni_runtime.sampling import Sampler, SamplingParams
 from omni_runtime.speech_batch import SpeechEngine, SpeechRequest
 
@@ -218,9 +219,10 @@ class OmniModel:
         outputs: list[GenerationOutput | None] = [None] * len(prompts)
         waiting = list(range(len(prompts)))[::-1]
         live: dict[int, tuple[int, ThinkerStream]] = {}                 # row -> (prompt index, its stream)
+        prefilling: dict[int, tuple[int, ChunkedPrefill]] = {}          # the same, for long prompts' prefills
         try:
             with torch.inference_mode():
-                while waiting or live:
+                while waiting or live or prefilling:
                     starts, indices = [], []
                     while waiting and len(starts) < runner.free_rows():
                         indices.append(waiting.pop())
@@ -230,10 +232,14 @@ class OmniModel:
                                        max_new_tokens))
                     if starts:
                         for index, (row, stream) in zip(indices, start_thinker_rows(runner, starts)):
-                            live[row] = index, stream
-                    self._batch_step(runner, live, outputs)
+                            (prefilling if isinstance(stream, ChunkedPrefill) else live)[row] = index, stream
+                    chunks = [prefill for _, prefill in prefilling.values()]
+                    for prefill, stream in advance_prefills(chunks, runner.prefill_tokens):
+                        live[prefill.row] = prefilling.pop(prefill.row)[0], stream
+                    if live:
+                        self._batch_step(runner, live, outputs)
         finally:   # an error (or an interrupt) leaves every row free for the next batch
-            for row in live:
+            for row in [*live, *prefilling]:
                 runner.release(row)
         return outputs
 
@@ -262,14 +268,21 @@ class OmniModel:
                                    chunk_frames, timer)
         yield from batch.events()
 
-    def speech_engine(self, max_batch: int = 8, timer: StageTimer | None = None) -> SpeechEngine:
+    def speech_engine(self, max_batch: int = 8, timer: StageTimer | None = None,
+                      prefill_tokens: int | None = None) -> SpeechEngine:
         """A server's loop for spoken answers (speech_batch.py): ``engine.submit(prompt, **options)`` queues a
         request whenever one arrives (options as :meth:`stream` takes them) and returns its id; each
         ``engine.step()`` runs one tick over up to ``max_batch`` live answers and returns the ``(id, event)`` pairs
         it made final; ``engine.cancel(id)`` drops a request; ``engine.busy`` says whether any waits or runs. The
-        engine uses the model's batched runners: one engine at a time."""
-        return SpeechEngine(self, self._batched_thinker(max_batch), self._batched_talker(max_batch),
-                            self._batched_code2wav(max_batch), timer)
+        engine uses the model's batched runners: one engine at a time. ``prefill_tokens`` (kept by the batched
+        thinker, default 4096): prompt tokens per prefill forward; a longer prompt prefills that many per tick, so
+        the answers already speaking wait for no more than one such forward a tick."""
+        thinker = self._batched_thinker(max_batch)
+        if prefill_tokens is not None:
+            if prefill_tokens < 1:
+                raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+            thinker.prefill_tokens = prefill_tokens
+        return SpeechEngine(self, thinker, self._batched_talker(max_batch), self._batched_code2wav(max_batch), timer)
 
     def speech_request(
         self,

@@ -122,23 +122,78 @@ class ThinkerStream:
             self.length += 1
 
 
-def start_thinker_rows(runner, starts: list[tuple[torch.Tensor, PromptInputs, Sampler, set[int], int]],
-                       capture_layer: int | None = None,
-                       timer: StageTimer | None = None) -> list[tuple[int, ThinkerStream]]:
-    """New sequences of a batched thinker (``starts``: ids, prompt, sampler, EOS ids and max_new_tokens of each):
-    each takes a free row and all prefill together -> [(row, its stream)]. On an error every row taken is given
+ThinkerStart = tuple[torch.Tensor, PromptInputs, Sampler, set[int], int]   # ids, prompt, sampler, EOS, max_new_tokens
+
+
+def start_thinker_rows(runner, starts: list[ThinkerStart], capture_layer: int | None = None,
+                       timer: StageTimer | None = None) -> list[tuple[int, ThinkerStream | ChunkedPrefill]]:
+    """New sequences of a batched thinker: each takes a free row -> [(row, its stream)]. Prompts of up to the
+    runner's ``prefill_tokens`` tokens prefill together now; a longer one gets a ``ChunkedPrefill`` instead, which
+    the caller advances a chunk per tick and which gives the stream at its end. On an error every row taken is given
     back."""
     rows = [runner.acquire() for _ in starts]
     timer = timer or StageTimer()
+    whole = [i for i, start in enumerate(starts) if start[1].positions.shape[-1] <= runner.prefill_tokens]
     try:
         with timer("thinker prefill"):
-            prefilled = runner.prefill_many(rows, [start[1] for start in starts], capture_layer)
+            prefilled = runner.prefill_many([rows[i] for i in whole], [starts[i][1] for i in whole], capture_layer)
     except BaseException:
         for row in rows:
             runner.release(row)
         raise
-    return [(row, ThinkerStream(None, sampler, ids, prompt, eos, max_new, capture_layer, timer, done))
-            for row, (ids, prompt, sampler, eos, max_new), done in zip(rows, starts, prefilled)]
+    done = dict(zip(whole, prefilled))
+    return [(row, ThinkerStream(None, *_stream_args(start), capture_layer, timer, done[i]) if i in done else
+             ChunkedPrefill(runner, row, start, capture_layer, timer))
+            for i, (row, start) in enumerate(zip(rows, starts))]
+
+
+def _stream_args(start: ThinkerStart) -> tuple:
+    ids, prompt, sampler, eos, max_new = start
+    return sampler, ids, prompt, eos, max_new
+
+
+class ChunkedPrefill:
+    """A prompt longer than the batched runner's ``prefill_tokens``, prefilled in its row a chunk at a time: the
+    rows already decoding wait for one chunk per tick, never for the whole prompt (a long audio or video prompt
+    would stall every live answer's speech). ``advance(tokens)`` prefills the next ``tokens`` at most; the last
+    chunk returns the sequence's ``ThinkerStream``. Chunks attend to the keys the row holds, so the stream is the one
+    a whole prefill gives, up to the rounding of GEMMs over fewer rows."""
+
+    def __init__(self, runner, row: int, start: ThinkerStart, capture_layer: int | None, timer: StageTimer):
+        self.runner, self.row, self.start, self.capture_layer, self.timer = runner, row, start, capture_layer, timer
+        self.done = 0
+        self.captured: list[torch.Tensor] = []   # the hidden state number capture_layer of each chunk
+
+    @property
+    def remaining(self) -> int:
+        return self.start[1].positions.shape[-1] - self.done
+
+    def advance(self, tokens: int) -> ThinkerStream | None:
+        end = self.done + min(tokens, self.remaining)
+        with self.timer("thinker prefill"):
+            logits, captured = self.runner.prefill_part(self.row, self.start[1], self.done, end, self.capture_layer)
+        self.done = end
+        if captured is not None:
+            self.captured.append(captured)
+        if self.remaining:
+            return None
+        hidden = torch.cat(self.captured, dim=1) if self.captured else None
+        return ThinkerStream(None, *_stream_args(self.start), self.capture_layer, self.timer, (logits, hidden))
+
+
+def advance_prefills(prefills: list[ChunkedPrefill], budget: int) -> list[tuple[ChunkedPrefill, ThinkerStream]]:
+    """One tick of chunked prefills, oldest first, ``budget`` prompt tokens in all -> those that finished, with
+    their streams."""
+    finished = []
+    for prefill in prefills:
+        if budget <= 0:
+            break
+        tokens = min(budget, prefill.remaining)
+        budget -= tokens
+        stream = prefill.advance(tokens)
+        if stream is not None:
+            finished.append((prefill, stream))
+    return finished
 
 
 def step_thinker_rows(runner, streams: dict[int, ThinkerStream]) -> list[tuple[int, torch.Tensor, int]]:

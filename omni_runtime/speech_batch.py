@@ -10,12 +10,14 @@ packet an answer sends its frames on the engine's beat (ticks that are multiples
 that started at different ticks still decode together; its second packet may go out short for that, never late.
 
 A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
-requests admitted in one tick run together. As in the single-request pipeline (pipeline.py) the talker starts after
-the thinker's first two tokens and never waits for the whole text, and the first frame's predictor runs right after
-the talker's prefill (together with the other answers that start in the same tick). An answer keeps its thinker row
-until its text ends, its talker row until its speech ends and its Code2Wav row until its last packet is decoded.
-Every answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in the same
-order, its own samplers and seeds, its own codebook-0 history.
+requests admitted in one tick run together. A prompt longer than the thinker's ``prefill_tokens`` prefills a chunk
+per tick (``ChunkedPrefill``): the answers already speaking wait for a chunk per tick, never for a whole long audio
+or video prompt. As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first two
+tokens and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill
+(together with the other answers that start in the same tick). An answer keeps its thinker row until its text ends,
+its talker row until its speech ends and its Code2Wav row until its last packet is decoded. Every answer is the one
+the single-request pipeline gives its prompt: the same rows of text conditioning in the same order, its own samplers
+and seeds, its own codebook-0 history.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditio
                                                talker_prefill_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.multimodal import MediaInputs, talker_positions
-from omni_runtime.pipeline import (IncrementalText, PacketSchedule, SpeechOptions, StageTimer, StreamEvent,
-                                   ThinkerStream, start_thinker_rows, step_thinker_rows)
+from omni_runtime.pipeline import (ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions, StageTimer,
+                                   StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
+                                   step_thinker_rows)
 from omni_runtime.sampling import Sampler
 
 
@@ -48,11 +51,11 @@ class SpeechRequest:
 
 @dataclass
 class SpokenAnswer:
-    """One admitted request: its thinker stream and row, its talker row while it speaks, its Code2Wav row until its
-    last packet, its audio packets."""
+    """One admitted request: its thinker stream (or, while a long prompt prefills in chunks, its ``prefill``) and
+    row, its talker row while it speaks, its Code2Wav row until its last packet, its audio packets."""
     index: int
     request: SpeechRequest
-    thinker: ThinkerStream
+    thinker: ThinkerStream | None
     thinker_row: int
     talker_row: int | None
     code2wav_row: int | None
@@ -65,6 +68,7 @@ class SpokenAnswer:
     started: bool = False                           # the talker has prefilled
     speech_done: bool = False
     events: list[StreamEvent] = field(default_factory=list)
+    prefill: ChunkedPrefill | None = None           # the long prompt's prefill until its last chunk
 
 
 class SpeechEngine:
@@ -106,6 +110,7 @@ class SpeechEngine:
     def step(self) -> list[tuple[int, StreamEvent]]:
         """One tick -> the (request id, event) pairs it made final, each request's in order."""
         self._admit()
+        self._prefill_chunks()
         self._thinker_step()
         self._talker_frames()    # answers already speaking
         self._talker_starts()    # answers whose speech starts now: their first frame
@@ -115,7 +120,7 @@ class SpeechEngine:
         for answer in list(self.live):
             out += [(answer.index, event) for event in answer.events]
             answer.events.clear()
-            if answer.speech_done and answer.thinker.finished:
+            if answer.speech_done and answer.thinker is not None and answer.thinker.finished:
                 self._retire(answer)
         return out
 
@@ -159,12 +164,23 @@ class SpeechEngine:
         for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
             text = TextConditioner(model.talker, model.thinker.model.embed_tokens, cfg.tokens)
             text.add_prompt(prompt.embeds[:, assistant_start(request.ids, cfg.tokens):])
+            chunked = isinstance(thinker, ChunkedPrefill)
             self.live.append(SpokenAnswer(
-                index, request, thinker, row, self.talker_rows.acquire(), self.code2wav_rows.acquire(),
-                prompt.embeds, text, PacketSchedule(request.options), IncrementalText(decode) if decode else None))
+                index, request, None if chunked else thinker, row, self.talker_rows.acquire(),
+                self.code2wav_rows.acquire(), prompt.embeds, text, PacketSchedule(request.options),
+                IncrementalText(decode) if decode else None, prefill=thinker if chunked else None))
+
+    def _prefill_chunks(self) -> None:
+        """The next chunks of the long prompts still prefilling, the thinker's ``prefill_tokens`` in all; a prompt
+        whose last chunk ran starts decoding in this tick."""
+        prefilling = {id(a.prefill): a for a in self.live if a.prefill is not None}
+        for prefill, stream in advance_prefills([a.prefill for a in prefilling.values()],
+                                                self.thinker_rows.prefill_tokens):
+            answer = prefilling[id(prefill)]
+            answer.thinker, answer.prefill = stream, None
 
     def _thinker_step(self) -> None:
-        going = {a.thinker_row: a for a in self.live if not a.thinker.finished}
+        going = {a.thinker_row: a for a in self.live if a.thinker is not None and not a.thinker.finished}
         if not going:
             return
         for row, token, value in step_thinker_rows(self.thinker_rows, {r: a.thinker for r, a in going.items()}):

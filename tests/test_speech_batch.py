@@ -10,6 +10,7 @@ import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.api import SpokenParts
 from omni_runtime.engine.batch_rows import batch_buckets
+from omni_runtime.engine.thinker_batch import DEFAULT_PREFILL_TOKENS
 from omni_runtime.pipeline import StageTimer
 from test_speech import GREEDY_TALKER
 from test_thinker_parity import IM_END, chat_prompt
@@ -162,6 +163,42 @@ def test_staggered_answers_decode_their_packets_together(model):
     assert timer.calls["code2wav"] == len(pushes) < sum(len(p) for p in packets.values())
     ticks = [t for p in packets.values() for t, ev in p if ev.codes.shape[1] == 4]
     assert any(ticks.count(t) == 3 for t in ticks)   # a push of all three
+
+
+def test_long_prompt_prefills_while_others_speak(model):
+    # prefill_tokens 10: a 40-token prompt that arrives while another answer speaks prefills over 4 ticks, and that
+    # answer gets its next token in each of them; both answers are still their own
+    speaking, long = chat_prompt(1, user_len=4), chat_prompt(5, user_len=22)
+    kwargs = dict(max_new_tokens=12, eos_token_id=None, talker_max_new_tokens=16, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in (speaking, long)]
+    engine = model.speech_engine(max_batch=2, prefill_tokens=10)
+    try:
+        events = {}
+        first = engine.submit(speaking, **kwargs)
+        for _ in range(3):
+            for rid, event in engine.step():
+                events.setdefault(rid, []).append(event)
+        later = engine.submit(long, **kwargs)
+        prefill_ticks = 0
+        while engine.busy:
+            prefilling = any(a.prefill is not None for a in engine.live) or later in engine.waiting
+            tick = engine.step()
+            if prefilling:
+                prefill_ticks += 1
+                assert any(rid == first and e.text_ids for rid, e in tick)   # the speaking answer went on
+            for rid, event in tick:
+                events.setdefault(rid, []).append(event)
+    finally:
+        model.batched_thinker.prefill_tokens = DEFAULT_PREFILL_TOKENS
+    assert prefill_ticks == 4
+    for rid, e in zip((first, later), expected):
+        assert [t for ev in events[rid] for t in ev.text_ids] == e.text_ids
+        codes = torch.cat([ev.codes for ev in events[rid] if ev.codes is not None], dim=1)
+        assert torch.equal(codes, e.codes)
+        torch.testing.assert_close(torch.cat([ev.audio for ev in events[rid] if ev.audio is not None]), e.audio,
+                                   atol=WAVE_ATOL, rtol=0)
+    with pytest.raises(ValueError, match="prefill_tokens must be >= 1"):
+        model.speech_engine(max_batch=2, prefill_tokens=0)
 
 
 def test_engine_takes_requests_as_they_come_and_cancels(model):

@@ -6,7 +6,7 @@ import torch
 import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.engine.batch_rows import batch_buckets
-from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
+from omni_runtime.engine.thinker_batch import DEFAULT_PREFILL_TOKENS, BatchedThinkerRunner
 from test_thinker_parity import IM_END, chat_prompt
 
 
@@ -90,6 +90,46 @@ def test_prompts_prefilled_together_match_alone(model, prefill_tokens):
             torch.testing.assert_close(decoded[i:i + 1], single.decode(tokens[i].view(1, 1)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_prompt_prefilled_in_chunks_matches_whole(model, chunk):
+    # a 34-token prompt in chunks of 1, 7 (the last one short) and 16 tokens: the last chunk's logits, the captured
+    # hidden states of all chunks, the row's cache and its next decode step are those of one whole prefill
+    from omni_runtime.multimodal import MediaInputs, build_prompt
+    runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 2, 64, model.device, model.dtype)
+    whole = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 2, 64, model.device, model.dtype)
+    prompt = build_prompt(prompts(4)[3][0], MediaInputs(), model.config, model.thinker.model.embed_tokens, None, None)
+    length = prompt.embeds.shape[1]
+    row, other = runner.acquire(), runner.acquire()
+    whole.acquire()
+    with torch.inference_mode():
+        expected_logits, expected_hidden = whole.prefill(0, prompt, capture_layer=2)
+        parts = [runner.prefill_part(row, prompt, start, min(start + chunk, length), capture_layer=2)
+                 for start in range(0, length, chunk)]
+        logits, hidden = parts[-1][0], torch.cat([h for _, h in parts], dim=1)
+        torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hidden, expected_hidden, atol=1e-5, rtol=1e-5)
+        kv, expected_kv = runner.state.cache.kv[:, :, row, :, :length], whole.state.cache.kv[:, :, 0, :, :length]
+        torch.testing.assert_close(kv, expected_kv, atol=1e-5, rtol=1e-5)
+        assert runner.host_lengths[row] == length and not runner.state.cache.kv[:, :, other].any()
+        token = logits.argmax(-1)
+        torch.testing.assert_close(runner.decode([row], token), whole.decode([0], token), atol=1e-5, rtol=1e-5)
+
+
+def test_long_prompts_prefill_a_chunk_per_step(model):
+    # prefill_tokens 20: prompts of 25..40 tokens go in chunks, the others decoding a step between two chunks;
+    # prompts of 18 and 20 tokens prefill whole, together; rows are refilled: every answer is still generate's
+    batch = prompts(4) + [chat_prompt(9, user_len=2), chat_prompt(10, user_len=0)]
+    expected = [model.generate(p, max_new_tokens=8, eos_token_id=IM_END).text_ids for p in batch]
+    runner = model._batched_thinker(3)
+    runner.prefill_tokens = 20
+    try:
+        got = model.generate_batch(batch, max_new_tokens=8, eos_token_id=IM_END, max_batch=3)
+    finally:
+        runner.prefill_tokens = DEFAULT_PREFILL_TOKENS
+    assert [g.text_ids for g in got] == expected
+    assert not any(runner.live)
+
+
 def test_seeded_sampling_per_prompt(model):
     batch = prompts(3)
     settings = [SamplingParams(temperature=0.8, top_k=20, seed=s) for s in (1, 2, 3)]
@@ -137,6 +177,9 @@ def test_media_prompts_in_a_batch(reference_checkpoint):
              model.generate(p, max_new_tokens=6, eos_token_id=IM_END) for p in batch]
     got = model.generate_batch(batch, max_new_tokens=6, eos_token_id=IM_END, max_batch=2)
     assert [g.text_ids for g in got] == [a.text_ids for a in alone]
+    model.batched_thinker.prefill_tokens = 8   # media prompts in chunks that split their DeepStack features
+    chunked = model.generate_batch(batch, max_new_tokens=6, eos_token_id=IM_END, max_batch=2)
+    assert [g.text_ids for g in chunked] == [a.text_ids for a in alone]
     bad = dict(batch[0], input_features=batch[0]["input_features"][:, :, :10])   # fewer frames than placeholders
     with pytest.raises(ValueError, match="prompt 1: "):
         model.generate_batch([batch[1], bad, batch[2]], max_new_tokens=2, max_batch=2)

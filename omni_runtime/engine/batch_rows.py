@@ -87,15 +87,16 @@ class BatchedRows(RowPool):
         super().release(row)
         self.lengths[row] = self.host_lengths[row] = 0   # padding steps write slot 0 of this row until a prefill
 
-    def prefill_context(self, row: int, positions: torch.Tensor) -> tuple[StepContext, CacheRows]:
-        """The context of a prompt at ``positions`` ([3, 1, P] or [1, P]) in ``row``, and that row of the cache;
-        the row's length and next position are the prompt's from now on."""
-        state, length = self.state, positions.shape[-1]
+    def prefill_context(self, row: int, positions: torch.Tensor, start: int = 0) -> tuple[StepContext, CacheRows]:
+        """The context of prompt tokens at ``positions`` ([3, 1, T] or [1, T]) in ``row``, after the ``start``
+        tokens the row holds already (a prompt prefilled in chunks), and that row of the cache; the row's length
+        and next position are those after these tokens from now on."""
+        state, length = self.state, start + positions.shape[-1]
         if length > self.max_len:
             raise ValueError(f"prompt ({length} tokens) exceeds the {self.max_len} positions of the {self.name}'s "
                              "cache")
         cos, sin = ok.mrope_cos_sin_ref(positions, state.inv_freq, state.mrope_section, state.dtype)
-        ctx = StepContext(cos, sin, torch.arange(length, device=state.device), length)
+        ctx = StepContext(cos, sin, torch.arange(start, length, device=state.device), length)
         self.next_positions[..., row:row + 1, :] = positions[..., -1:] + 1
         self.lengths[row] = self.host_lengths[row] = length
         return ctx, CacheRows(state.cache.kv, slice(row, row + 1))

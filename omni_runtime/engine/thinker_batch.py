@@ -14,9 +14,9 @@ from omni_runtime.engine.graphs import BatchStepGraph
 from omni_runtime.kv_cache import StaticKVCache
 from omni_runtime.layers import StepContext
 from omni_runtime.models.thinker import Thinker
-from omni_runtime.multimodal import PromptInputs
+from omni_runtime.multimodal import Deepstack, PromptInputs
 
-DEFAULT_PREFILL_TOKENS = 4096   # padded prompt tokens per batched prefill forward
+DEFAULT_PREFILL_TOKENS = 4096   # prompt tokens per prefill forward (padding included); longer prompts go in chunks
 
 
 class BatchedThinkerRunner(BatchedRows):
@@ -40,10 +40,22 @@ class BatchedThinkerRunner(BatchedRows):
         return self.thinker(prompt.embeds, ctx, cache, capture_layer, prompt.deepstack)
 
     @torch.inference_mode()
+    def prefill_part(self, row: int, prompt: PromptInputs, start: int, end: int,
+                     capture_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens ``start:end`` of the prompt in ``row``, whose first ``start`` tokens it holds already -> (logits
+        [1, V] of token ``end - 1``, the hidden state number ``capture_layer`` of these tokens [1, end - start, H]
+        when asked). Attention reads the row's cached keys before ``start``, so chunks in order give ``prefill``'s
+        cache and last logits, up to the rounding of GEMMs over fewer rows."""
+        ctx, cache = self.prefill_context(row, prompt.positions[..., start:end], start)
+        return self.thinker(prompt.embeds[:, start:end], ctx, cache, capture_layer,
+                            deepstack_part(prompt.deepstack, start, end))
+
+    @torch.inference_mode()
     def prefill_many(self, rows: list[int], prompts: list[PromptInputs],
                      capture_layer: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The prompts of the sequences in ``rows`` -> what ``prefill`` returns for each, in their order. Prompts
-        are prefilled together, ``prefill_tokens`` padded tokens at most per forward: an MoE prefill reads every
+        are prefilled together, ``prefill_tokens`` padded tokens at most per forward (a longer prompt alone; the
+        engines give those a ``ChunkedPrefill`` instead, pipeline.py): an MoE prefill reads every
         expert's weights whatever its token count, so n prompts in one forward cost little more than one. Each
         goes right-padded into a scratch cache (causal attention never lets a token see the padding behind it),
         then into its row. Prompts with DeepStack features (images, video) prefill alone."""
@@ -115,3 +127,12 @@ class BatchedThinkerRunner(BatchedRows):
             like = torch.zeros(batch, 1, dtype=torch.int64, device=self.state.device)
             self.steps[batch] = BatchStepGraph(step, self.state, like, batch, self.capture)
         return self.steps[batch]
+
+
+def deepstack_part(deepstack: Deepstack | None, start: int, end: int) -> Deepstack | None:
+    """The DeepStack features of prompt tokens ``start:end``: their visual positions and those positions' rows."""
+    if deepstack is None:
+        return None
+    first = int(deepstack.mask[:start].sum())
+    count = int(deepstack.mask[start:end].sum())
+    return Deepstack(deepstack.mask[start:end], [f[first:first + count] for f in deepstack.features])
