@@ -3,16 +3,18 @@ Table 2 has 1, 4 and 6), batched (``OmniModel.speech_engine``: every thinker ste
 shared) against the same requests served one after another by the single-request pipeline (``OmniModel.stream``).
 
     python bench/concurrent_speech.py [--device cuda --dtype bfloat16 --full-size] [--concurrency 1,2,4,6,8]
-                                      [--arrival-ms 0]
+                                      [--arrival-ms 0] [--long-prompt-tokens 0] [--prefill-tokens 4096]
 
 Request i arrives at i x ``--arrival-ms`` (default 0: all at once); each has its own prompt (40 user tokens,
-different words). The batched server submits each request when it arrives; the sequential one starts it when it has
-arrived and the previous one is done. Greedy thinker and talker, ``--answer-tokens`` text tokens and
-``--talker-tokens`` talker steps each, so every answer speaks the same number of frames. Per concurrency: first text
-token and first audio packet (median and worst request, from its arrival), wall time, RTF (the worst request's time
-from arrival to its last sample over its audio seconds: below 1.0 every stream plays without a stall once started)
-and audio seconds made per wall second. Batched answers are checked equal to the sequential ones (text and codes).
-Model flags as in e2e_latency.py. Writes bench/results/concurrent_speech[_full][_arrival<ms>]_<device>.json.
+different words; ``--long-prompt-tokens``: the last one that many). The batched server submits each request when it
+arrives (``--prefill-tokens``: its prefill chunk); the sequential one starts it when it has arrived and the previous
+one is done. Greedy thinker and talker, ``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so
+every answer speaks the same number of frames. Per concurrency: first text token and first audio packet (median and
+worst request, from its arrival), wall time, RTF (the worst request's time from arrival to its last sample over its
+audio seconds), audio seconds made per wall second, and the worst stall: the longest a client that plays each answer
+from its first packet on waits in all for packets that come late. Batched answers are checked equal to the
+sequential ones (text and codes). Model flags as in e2e_latency.py. Writes
+bench/results/concurrent_speech[_full][_arrival<ms>][_long<tokens>][_prefill<tokens>]_<device>.json.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ def parse_args():
     p = speech_parser(__doc__)
     p.add_argument("--concurrency", default="1,2,4,6,8")
     p.add_argument("--arrival-ms", type=float, default=0.0, help="time between two requests' arrivals")
+    p.add_argument("--long-prompt-tokens", type=int, default=0,
+                   help="the last request's prompt: this many user tokens instead of 40")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="the engine's prefill chunk (speech_engine(prefill_tokens)); default: the runner's 4096")
     return p.parse_args()
 
 
@@ -43,12 +49,13 @@ def request_kwargs(args) -> dict:
 
 class Answers:
     """Per request: arrival, first text token, first audio packet and last sample (seconds from the run's start),
-    samples and codes."""
+    samples, codes, and the playback stall of a client that starts playing at the first packet."""
 
     def __init__(self, count: int, arrival_s: float):
         self.arrival = [i * arrival_s for i in range(count)]
         self.first_token, self.first_packet, self.done = [None] * count, [None] * count, [None] * count
         self.samples, self.codes = [0] * count, [[] for _ in range(count)]
+        self.played_until, self.stall = [0.0] * count, [0.0] * count
 
     def record(self, index: int, event, now: float) -> None:
         if event.text_ids and self.first_token[index] is None:
@@ -57,6 +64,10 @@ class Answers:
             self.first_packet[index] = self.first_packet[index] or now
             self.done[index] = now
             self.samples[index] += event.audio.numel()
+            # the player runs dry when a packet comes after the audio before it has played; it resumes with it
+            late = now - self.played_until[index] if self.played_until[index] else 0.0
+            self.stall[index] += max(late, 0.0)
+            self.played_until[index] = max(now, self.played_until[index]) + event.audio.numel() / 24000
         if event.codes is not None:
             self.codes[index].append(event.codes)
 
@@ -67,7 +78,8 @@ class Answers:
         row = {"first_token_ms_median": 1e3 * statistics.median(tokens),
                "first_packet_ms_median": 1e3 * statistics.median(packets),
                "first_packet_ms_max": 1e3 * max(packets), "wall_ms": 1e3 * wall,
-               "rtf": max(d / a for d, a in zip(since(self.done), audio_s)), "audio_s_per_s": sum(audio_s) / wall}
+               "rtf": max(d / a for d, a in zip(since(self.done), audio_s)), "audio_s_per_s": sum(audio_s) / wall,
+               "stall_ms_max": 1e3 * max(self.stall)}
         return row, [torch.cat(c, dim=1) for c in self.codes]
 
 
@@ -78,7 +90,7 @@ def wait_until(start: float, moment: float) -> None:
 def run_batched(model, prompts, args) -> tuple[dict, list]:
     timer = StageTimer(model.device)
     answers = Answers(len(prompts), args.arrival_ms / 1e3)
-    engine = model.speech_engine(max_batch=len(prompts), timer=timer)
+    engine = model.speech_engine(max_batch=len(prompts), timer=timer, prefill_tokens=args.prefill_tokens)
     ids = {}
     start = time.perf_counter()
     while len(ids) < len(prompts) or engine.busy:
@@ -120,6 +132,8 @@ def main():
     rows = []
     for count in levels:
         batch = prompts[:count]
+        if args.long_prompt_tokens:
+            batch[-1] = prompt_ids(args.long_prompt_tokens, seed=count).to(device)
         run_batched(model, batch, args)                              # warm up (and capture the buckets' graphs)
         run_sequential(model, batch[:1], args)
         batched, batched_codes = best_of(lambda: run_batched(model, batch, args), args.repeats)
@@ -131,17 +145,23 @@ def main():
               "arrival_ms": args.arrival_ms, "results": rows,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     name = "concurrent_speech" + ("_full" if args.full_size else "")
-    path = save(name + (f"_arrival{args.arrival_ms:g}" if args.arrival_ms else ""), result)
+    name += f"_arrival{args.arrival_ms:g}" if args.arrival_ms else ""
+    name += f"_long{args.long_prompt_tokens}" if args.long_prompt_tokens else ""
+    name += f"_prefill{args.prefill_tokens}" if args.prefill_tokens else ""
+    result |= {"long_prompt_tokens": args.long_prompt_tokens, "prefill_tokens": args.prefill_tokens}
+    path = save(name, result)
     print(f"{result['env']['device']}, {args.dtype}: {args.answer_tokens} text tokens, {args.talker_tokens - 1} "
-          f"frames per answer, a request every {args.arrival_ms:g} ms")
+          f"frames per answer, a request every {args.arrival_ms:g} ms"
+          + (f", the last with {args.long_prompt_tokens} prompt tokens" if args.long_prompt_tokens else "")
+          + (f", prefill chunks of {args.prefill_tokens}" if args.prefill_tokens else ""))
     print(f"{'':>4} {'':10} {'first token p50':>16} {'first packet p50':>17} {'max':>9} {'wall':>9} {'RTF':>7} "
-          f"{'audio s/s':>10}")
+          f"{'audio s/s':>10} {'stall':>9}")
     for r in rows:
         for name in ("batched", "sequential"):
             m = r[name]
             print(f"{r['concurrency']:4d} {name:10} {m['first_token_ms_median']:13.1f} ms "
                   f"{m['first_packet_ms_median']:14.1f} ms {m['first_packet_ms_max']:6.1f} ms {m['wall_ms']:6.0f} ms "
-                  f"{m['rtf']:7.3f} {m['audio_s_per_s']:10.2f}")
+                  f"{m['rtf']:7.3f} {m['audio_s_per_s']:10.2f} {m['stall_ms_max']:6.1f} ms")
         print(f"{'':4} same codes: {r['same_codes']}")
     print(f"saved {path}")
 

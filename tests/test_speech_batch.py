@@ -21,6 +21,13 @@ def model(reference_checkpoint):
     return OmniModel.from_pretrained(reference_checkpoint()[0])
 
 
+@pytest.fixture(autouse=True)
+def default_prefill_chunk(model):
+    yield
+    if model.batched_thinker is not None:   # a test that set speech_engine(prefill_tokens=...) leaves the default
+        model.batched_thinker.prefill_tokens = DEFAULT_PREFILL_TOKENS
+
+
 def prompts(count: int) -> list[torch.Tensor]:
     return [chat_prompt(seed, user_len=7 + 5 * seed) for seed in range(count)]   # 19..39 tokens
 
@@ -172,24 +179,21 @@ def test_long_prompt_prefills_while_others_speak(model):
     kwargs = dict(max_new_tokens=12, eos_token_id=None, talker_max_new_tokens=16, talker_sampling=GREEDY_TALKER)
     expected = [alone(model, p, **kwargs) for p in (speaking, long)]
     engine = model.speech_engine(max_batch=2, prefill_tokens=10)
-    try:
-        events = {}
-        first = engine.submit(speaking, **kwargs)
-        for _ in range(3):
-            for rid, event in engine.step():
-                events.setdefault(rid, []).append(event)
-        later = engine.submit(long, **kwargs)
-        prefill_ticks = 0
-        while engine.busy:
-            prefilling = any(a.prefill is not None for a in engine.live) or later in engine.waiting
-            tick = engine.step()
-            if prefilling:
-                prefill_ticks += 1
-                assert any(rid == first and e.text_ids for rid, e in tick)   # the speaking answer went on
-            for rid, event in tick:
-                events.setdefault(rid, []).append(event)
-    finally:
-        model.batched_thinker.prefill_tokens = DEFAULT_PREFILL_TOKENS
+    events = {}
+    first = engine.submit(speaking, **kwargs)
+    for _ in range(3):
+        for rid, event in engine.step():
+            events.setdefault(rid, []).append(event)
+    later = engine.submit(long, **kwargs)
+    prefill_ticks = 0
+    while engine.busy:
+        prefilling = any(a.prefill is not None for a in engine.live) or later in engine.waiting
+        tick = engine.step()
+        if prefilling:
+            prefill_ticks += 1
+            assert any(rid == first and e.text_ids for rid, e in tick)   # the speaking answer went on
+        for rid, event in tick:
+            events.setdefault(rid, []).append(event)
     assert prefill_ticks == 4
     for rid, e in zip((first, later), expected):
         assert [t for ev in events[rid] for t in ev.text_ids] == e.text_ids
@@ -252,9 +256,11 @@ def test_stopping_early_releases_everything(model):
     assert_same_answers(model.generate_batch(batch, max_batch=2, return_audio=True, **kwargs), expected)
 
 
-def test_engine_under_a_random_schedule(model):
-    # requests of different lengths and settings arrive and are cancelled at random ticks over 3 rows: every answer
-    # that runs to its end is the one its prompt gets alone, and the engine ends with every row free
+@pytest.mark.parametrize("prefill_tokens", [DEFAULT_PREFILL_TOKENS, 24], ids=["whole", "chunked"])
+def test_engine_under_a_random_schedule(model, prefill_tokens):
+    # requests of different lengths and settings arrive and are cancelled at random ticks over 3 rows (24: prompts
+    # of 25..41 tokens prefill in chunks, some cancelled while they do): every answer that runs to its end is the
+    # one its prompt gets alone, and the engine ends with every row free
     rng = torch.Generator().manual_seed(5)
     pick = lambda n: int(torch.randint(n, (1,), generator=rng))  # noqa: E731
     requests = [(chat_prompt(i, user_len=5 + 3 * i),
@@ -262,7 +268,7 @@ def test_engine_under_a_random_schedule(model):
                       talker_sampling=GREEDY_TALKER if i % 2 else
                       SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=i)))
                 for i in range(7)]
-    engine = model.speech_engine(max_batch=3)
+    engine = model.speech_engine(max_batch=3, prefill_tokens=prefill_tokens)
     parts, ids, cancelled, pending = {}, {}, set(), list(range(len(requests)))
     while pending or engine.busy:
         if pending and pick(2):
@@ -282,6 +288,7 @@ def test_engine_under_a_random_schedule(model):
             got = parts[rid].output(expected.finish_reason, 16, model.device)
             assert_same_answers([got], [expected])
     assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    assert not any(model.batched_code2wav.live)
 
 
 def test_engine_drops_a_request_whose_media_fail_and_goes_on(reference_checkpoint):
