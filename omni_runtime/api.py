@@ -25,8 +25,8 @@ from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
-from omni_runtime.pipeline import (ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession, StageTimer,
-                                   StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
+from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession,
+                                   StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows)
 from omni_runtime.sampling import Sampler, SamplingParams
 from omni_runtime.speech_batch import SpeechEngine, SpeechRequest
@@ -36,7 +36,6 @@ COMPONENTS = ("thinker.", "talker.", "code2wav.")
 AUDIO_PREFIX, VISION_PREFIX = "thinker.audio_tower.", "thinker.visual."
 DEFAULT_MAX_SEQ_LEN = 8192
 DEFAULT_TALKER_MAX_NEW_TOKENS = 4096
-SAMPLE_RATE = 24000
 # The reference's speech sampling: talker temperature 0.9, top-k 50, repetition penalty 1.05 over codebook-0
 # history; the code predictor samples with top-k 50, top-p 0.8 (both greedy when the talker is greedy).
 DEFAULT_TALKER_SAMPLING = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05)

@@ -21,6 +21,8 @@ from omni_runtime.multimodal import MediaInputs, PromptInputs, talker_positions
 from omni_runtime.sampling import Sampler
 
 
+SAMPLE_RATE = 24000   # of the audio Code2Wav makes
+
 # StageTimer stages of the talker side: its prefill, the first frame's predictor, then whole frames (talker step,
 # codebook-0 draw, predictor).
 TALKER_STAGES = ("talker prefill", "code predictor", "talker frame")
@@ -126,14 +128,16 @@ ThinkerStart = tuple[torch.Tensor, PromptInputs, Sampler, set[int], int]   # ids
 
 
 def start_thinker_rows(runner, starts: list[ThinkerStart], capture_layer: int | None = None,
-                       timer: StageTimer | None = None) -> list[tuple[int, ThinkerStream | ChunkedPrefill]]:
-    """New sequences of a batched thinker: each takes a free row -> [(row, its stream)]. Prompts of up to the
-    runner's ``prefill_tokens`` tokens prefill together now; a longer one gets a ``ChunkedPrefill`` instead, which
-    the caller advances a chunk per tick and which gives the stream at its end. On an error every row taken is given
-    back."""
+                       timer: StageTimer | None = None,
+                       whole_tokens: int | None = None) -> list[tuple[int, ThinkerStream | ChunkedPrefill]]:
+    """New sequences of a batched thinker: each takes a free row -> [(row, its stream)]. Prompts of up to
+    ``whole_tokens`` (default: the runner's ``prefill_tokens``) tokens prefill together now; a longer one gets a
+    ``ChunkedPrefill`` instead, which the caller advances a chunk per tick and which gives the stream at its end. On
+    an error every row taken is given back."""
     rows = [runner.acquire() for _ in starts]
     timer = timer or StageTimer()
-    whole = [i for i, start in enumerate(starts) if start[1].positions.shape[-1] <= runner.prefill_tokens]
+    limit = runner.prefill_tokens if whole_tokens is None else whole_tokens
+    whole = [i for i, start in enumerate(starts) if start[1].positions.shape[-1] <= limit]
     try:
         with timer("thinker prefill"):
             prefilled = runner.prefill_many([rows[i] for i in whole], [starts[i][1] for i in whole], capture_layer)

@@ -10,31 +10,34 @@ packet an answer sends its frames on the engine's beat (ticks that are multiples
 that started at different ticks still decode together; its second packet may go out short for that, never late.
 
 A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
-requests admitted in one tick run together. A prompt longer than the thinker's ``prefill_tokens`` prefills a chunk
-per tick (``ChunkedPrefill``): the answers already speaking wait for a chunk per tick, never for a whole long audio
-or video prompt. As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first two
-tokens and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill
-(together with the other answers that start in the same tick). An answer keeps its thinker row until its text ends,
-its talker row until its speech ends and its Code2Wav row until its last packet is decoded. Every answer is the one
-the single-request pipeline gives its prompt: the same rows of text conditioning in the same order, its own samplers
-and seeds, its own codebook-0 history.
+requests admitted in one tick run together. A tick prefills what ``PrefillPacer`` allows: the thinker's
+``prefill_tokens`` at most, fewer when an answer already speaking has little audio in hand; a longer prompt prefills
+a chunk per tick (``ChunkedPrefill``), so a long audio or video prompt does not stall the answers already speaking.
+As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first two tokens and never
+waits for the whole text, and the first frame's predictor runs right after the talker's prefill (together with the
+other answers that start in the same tick). An answer keeps its thinker row until its text ends, its talker row until
+its speech ends and its Code2Wav row until its last packet is decoded. Every answer is the one the single-request
+pipeline gives its prompt: the same rows of text conditioning in the same order, its own samplers and seeds, its own
+codebook-0 history.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from omni_runtime.engine.code2wav_batch import Code2WavRows
+from omni_runtime.engine.prefill_pacer import PrefillPacer
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.multimodal import MediaInputs, talker_positions
-from omni_runtime.pipeline import (ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions, StageTimer,
-                                   StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
+from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
+                                   StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows)
 from omni_runtime.sampling import Sampler
 
@@ -69,6 +72,15 @@ class SpokenAnswer:
     speech_done: bool = False
     events: list[StreamEvent] = field(default_factory=list)
     prefill: ChunkedPrefill | None = None           # the long prompt's prefill until its last chunk
+    first_audio_at: float | None = None             # the engine's clock when its first packet went out
+    audio_seconds: float = 0.0                      # audio sent so far
+
+    def slack(self, now: float) -> float | None:
+        """How long a client that plays the answer from its first packet on can wait for the next one (None before
+        the first packet and after the last)."""
+        if self.first_audio_at is None or self.speech_done:
+            return None
+        return self.audio_seconds - (now - self.first_audio_at)
 
 
 class SpeechEngine:
@@ -81,6 +93,9 @@ class SpeechEngine:
         self.live: list[SpokenAnswer] = []
         self.finish_reasons: dict[int, str] = {}       # request id -> the thinker's finish reason, once known
         self.ticks = 0
+        self.pacer = PrefillPacer()
+        self.prefill_budget = 0                        # prompt tokens this tick may still prefill
+        self.prefill_seconds = 0.0                     # spent on prefill in this tick
 
     @property
     def busy(self) -> bool:
@@ -109,6 +124,12 @@ class SpeechEngine:
     @torch.inference_mode()
     def step(self) -> list[tuple[int, StreamEvent]]:
         """One tick -> the (request id, event) pairs it made final, each request's in order."""
+        clock = self.pacer.clock
+        start = clock()
+        slacks = [s for s in (a.slack(start) for a in self.live) if s is not None]
+        beat = max((a.request.options.chunk_frames for a in self.live), default=1)
+        self.prefill_budget = self.pacer.budget(slacks, self.thinker_rows.prefill_tokens, beat)
+        self.prefill_seconds = 0.0
         self._admit()
         self._prefill_chunks()
         self._thinker_step()
@@ -116,6 +137,8 @@ class SpeechEngine:
         self._talker_starts()    # answers whose speech starts now: their first frame
         self._decode_packets()
         self.ticks += 1
+        waited = self.prefill_seconds == 0 and any(a.prefill is not None for a in self.live)
+        self.pacer.record_tick(clock() - start - self.prefill_seconds, waited)
         out = []
         for answer in list(self.live):
             out += [(answer.index, event) for event in answer.events]
@@ -159,7 +182,11 @@ class SpeechEngine:
 
     def _start(self, indices: list[int], requests: list[SpeechRequest], starts: list[tuple]) -> None:
         model, cfg = self.model, self.model.config
-        streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer)
+        limit = max(self.prefill_budget, min(self.pacer.min_tokens, self.thinker_rows.prefill_tokens))
+        whole = [s for s in starts if s[1].positions.shape[-1] <= limit]
+        with self._prefilling(sum(s[1].positions.shape[-1] for s in whole)):
+            streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer,
+                                         whole_tokens=limit)
         decode = model.decode if model.tokenizer else None
         for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
             text = TextConditioner(model.talker, model.thinker.model.embed_tokens, cfg.tokens)
@@ -171,13 +198,26 @@ class SpeechEngine:
                 IncrementalText(decode) if decode else None, prefill=thinker if chunked else None))
 
     def _prefill_chunks(self) -> None:
-        """The next chunks of the long prompts still prefilling, the thinker's ``prefill_tokens`` in all; a prompt
+        """The next chunks of the long prompts still prefilling, what is left of the tick's budget in all; a prompt
         whose last chunk ran starts decoding in this tick."""
         prefilling = {id(a.prefill): a for a in self.live if a.prefill is not None}
-        for prefill, stream in advance_prefills([a.prefill for a in prefilling.values()],
-                                                self.thinker_rows.prefill_tokens):
+        if not prefilling or self.prefill_budget <= 0:
+            return
+        with self._prefilling(min(self.prefill_budget, sum(a.prefill.remaining for a in prefilling.values()))):
+            finished = advance_prefills([a.prefill for a in prefilling.values()], self.prefill_budget)
+        for prefill, stream in finished:
             answer = prefilling[id(prefill)]
             answer.thinker, answer.prefill = stream, None
+
+    @contextmanager
+    def _prefilling(self, tokens: int):
+        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget."""
+        start = self.pacer.clock()
+        yield
+        seconds = self.pacer.clock() - start
+        self.prefill_seconds += seconds
+        self.prefill_budget -= tokens
+        self.pacer.record_prefill(tokens, seconds)
 
     def _thinker_step(self) -> None:
         going = {a.thinker_row: a for a in self.live if a.thinker is not None and not a.thinker.finished}
@@ -268,8 +308,11 @@ class SpeechEngine:
         for group in groups.values():
             with self.timer("code2wav"):
                 audio = self.code2wav_rows.push([a.code2wav_row for a, _ in group], torch.stack([c for _, c in group]))
+            now = self.pacer.clock()
             for (answer, codes), samples in zip(group, audio[:, 0]):
                 answer.events.append(StreamEvent(audio=samples, codes=codes))
+                answer.first_audio_at = answer.first_audio_at or now
+                answer.audio_seconds += samples.numel() / SAMPLE_RATE
         for answer in self.live:
             if answer.speech_done and answer.code2wav_row is not None:
                 self.code2wav_rows.release(answer.code2wav_row)

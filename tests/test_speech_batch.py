@@ -10,6 +10,7 @@ import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.api import SpokenParts
 from omni_runtime.engine.batch_rows import batch_buckets
+from omni_runtime.engine.prefill_pacer import PrefillPacer
 from omni_runtime.engine.thinker_batch import DEFAULT_PREFILL_TOKENS
 from omni_runtime.pipeline import StageTimer
 from test_speech import GREEDY_TALKER
@@ -179,6 +180,7 @@ def test_long_prompt_prefills_while_others_speak(model):
     kwargs = dict(max_new_tokens=12, eos_token_id=None, talker_max_new_tokens=16, talker_sampling=GREEDY_TALKER)
     expected = [alone(model, p, **kwargs) for p in (speaking, long)]
     engine = model.speech_engine(max_batch=2, prefill_tokens=10)
+    engine.pacer.clock = lambda: 0.0   # no time passes: the pacer always allows all 10 tokens
     events = {}
     first = engine.submit(speaking, **kwargs)
     for _ in range(3):
@@ -203,6 +205,66 @@ def test_long_prompt_prefills_while_others_speak(model):
                                    atol=WAVE_ATOL, rtol=0)
     with pytest.raises(ValueError, match="prefill_tokens must be >= 1"):
         model.speech_engine(max_batch=2, prefill_tokens=0)
+
+
+class ScriptedPacer(PrefillPacer):
+    """Budgets from a script, one per tick (then ``max_tokens``): what the engine does with them is the test."""
+
+    def __init__(self, script: list[int], min_tokens: int):
+        super().__init__(min_tokens=min_tokens, clock=lambda: 0.0)
+        self.script = list(script)
+
+    def budget(self, slacks, max_tokens, ticks_to_packet):
+        return self.script.pop(0) if self.script else max_tokens
+
+
+def test_engine_prefills_what_the_pacer_allows(model):
+    # A speaking answer; then a 40-token prompt and an 18-token one arrive together. Budgets 0, 0, 15, 0, 30: the
+    # short prompt (<= min_tokens 20) prefills at once anyway, the long one waits, then takes 15 and the last 25
+    # tokens; both answers are their own.
+    speaking, long, short = chat_prompt(1, user_len=4), chat_prompt(5, user_len=22), chat_prompt(6, user_len=0)
+    kwargs = dict(max_new_tokens=10, eos_token_id=None, talker_max_new_tokens=12, talker_sampling=GREEDY_TALKER)
+    expected = [alone(model, p, **kwargs) for p in (speaking, long, short)]
+    engine = model.speech_engine(max_batch=3)
+    ids = [engine.submit(speaking, **kwargs)]
+    parts = {}
+    for _ in range(3):
+        for rid, event in engine.step():
+            parts.setdefault(rid, SpokenParts()).add(event)
+    engine.pacer = ScriptedPacer([0, 0, 15, 0, 30], min_tokens=20)
+    ids += [engine.submit(long, **kwargs), engine.submit(short, **kwargs)]
+    done, short_text = [], []
+    while engine.busy:
+        for rid, event in engine.step():
+            parts.setdefault(rid, SpokenParts()).add(event)
+        long_answer = next((a for a in engine.live if a.index == ids[1]), None)
+        done.append(None if long_answer is None else
+                    long_answer.prefill.done if long_answer.prefill is not None else "decoding")
+        short_text.append(len(parts.get(ids[2], SpokenParts()).text))
+    assert done[:5] == [0, 0, 15, 15, "decoding"]
+    assert short_text[0] == 1   # its first token in the tick it arrived
+    for rid, e in zip(ids, expected):
+        assert_same_answers([parts[rid].output(e.finish_reason, 16, model.device)], [e])
+    assert not any(model.batched_thinker.live)
+
+
+def test_pacer_budget():
+    pacer = PrefillPacer(min_tokens=100, patience=2)
+    assert pacer.budget([0.5], 4096, 4) == 4096                  # nothing measured yet
+    pacer.record_prefill(50, 0.05)
+    assert pacer.cost() == (0.0, 0.001)                          # one size: all of it per token
+    pacer.record_prefill(250, 0.09)
+    fixed, per_token = pacer.cost()                              # two sizes: the line through them
+    assert abs(fixed - 0.04) < 1e-9 and abs(per_token - 2e-4) < 1e-12
+    pacer.record_tick(0.03, prompt_waited=False)
+    assert pacer.budget([], 4096, 4) == 4096                     # nobody speaks
+    assert pacer.budget([0.5, 0.9], 4096, 4) == 1700             # (0.5 - 4 x 0.03 - 0.04) / 2e-4
+    assert pacer.budget([0.5], 1000, 4) == 1000
+    assert pacer.budget([0.15], 4096, 4) == 0                    # 0 < 100 tokens: wait
+    pacer.record_tick(0.03, prompt_waited=True)
+    pacer.record_tick(0.03, prompt_waited=True)
+    assert pacer.budget([0.15], 4096, 4) == 100                  # waited enough: min_tokens
+    assert pacer.budget([0.15], 60, 4) == 60
 
 
 def test_engine_takes_requests_as_they_come_and_cancels(model):
@@ -269,6 +331,7 @@ def test_engine_under_a_random_schedule(model, prefill_tokens):
                       SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05, seed=i)))
                 for i in range(7)]
     engine = model.speech_engine(max_batch=3, prefill_tokens=prefill_tokens)
+    engine.pacer.clock = lambda: 0.0   # the chunks: prefill_tokens each, whatever the machine's speed
     parts, ids, cancelled, pending = {}, {}, set(), list(range(len(requests)))
     while pending or engine.busy:
         if pending and pick(2):
