@@ -4,17 +4,19 @@ shared) against the same requests served one after another by the single-request
 
     python bench/concurrent_speech.py [--device cuda --dtype bfloat16 --full-size] [--concurrency 1,2,4,6,8]
                                       [--arrival-ms 0] [--long-prompt-tokens 0] [--prefill-tokens 4096]
+                                      [--fixed-chunks]
 
 Request i arrives at i x ``--arrival-ms`` (default 0: all at once); each has its own prompt (40 user tokens,
 different words; ``--long-prompt-tokens``: the last one that many). The batched server submits each request when it
-arrives (``--prefill-tokens``: its prefill chunk); the sequential one starts it when it has arrived and the previous
-one is done. Greedy thinker and talker, ``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so
-every answer speaks the same number of frames. Per concurrency: first text token and first audio packet (median and
-worst request, from its arrival), wall time, RTF (the worst request's time from arrival to its last sample over its
-audio seconds), audio seconds made per wall second, and the worst stall: the longest a client that plays each answer
-from its first packet on waits in all for packets that come late. Batched answers are checked equal to the
-sequential ones (text and codes). Model flags as in e2e_latency.py. Writes
-bench/results/concurrent_speech[_full][_arrival<ms>][_long<tokens>][_prefill<tokens>]_<device>.json.
+arrives (``--prefill-tokens``: its largest prefill chunk; ``--fixed-chunks``: every tick may prefill that much,
+without the pacer); the sequential one starts it when it has arrived and the previous one is done. Greedy thinker and
+talker, ``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so every answer speaks the same
+number of frames. Per concurrency: first text token and first audio packet (median and worst request, from its
+arrival), wall time, RTF (the worst request's time from arrival to its last sample over its audio seconds), audio
+seconds made per wall second, and the worst stall: the longest a client that plays each answer from its first packet
+on waits in all for packets that come late. Batched answers are checked equal to the sequential ones (text and
+codes). Model flags as in e2e_latency.py. Writes
+bench/results/concurrent_speech[_full][_arrival<ms>][_long<tokens>][_prefill<tokens>][_fixed]_<device>.json.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from common import DTYPES, apply_threads, environment, save
 from e2e_latency import IM_END, build_models, prompt_ids, speech_parser
 
 from omni_runtime import SamplingParams
+from omni_runtime.engine.prefill_pacer import PrefillPacer
 from omni_runtime.pipeline import StageTimer
 
 GREEDY_TALKER = SamplingParams(temperature=0.0, repetition_penalty=1.05)
@@ -39,6 +42,8 @@ def parse_args():
                    help="the last request's prompt: this many user tokens instead of 40")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="the engine's prefill chunk (speech_engine(prefill_tokens)); default: the runner's 4096")
+    p.add_argument("--fixed-chunks", action="store_true",
+                   help="no pacing: every tick may prefill --prefill-tokens (the baseline of the engine's pacer)")
     return p.parse_args()
 
 
@@ -83,6 +88,13 @@ class Answers:
         return row, [torch.cat(c, dim=1) for c in self.codes]
 
 
+class FixedChunks(PrefillPacer):
+    """A pacer that always allows the whole ``prefill_tokens``."""
+
+    def budget(self, slacks, max_tokens, ticks_to_packet):
+        return max_tokens
+
+
 def wait_until(start: float, moment: float) -> None:
     time.sleep(max(0.0, start + moment - time.perf_counter()))
 
@@ -91,6 +103,8 @@ def run_batched(model, prompts, args) -> tuple[dict, list]:
     timer = StageTimer(model.device)
     answers = Answers(len(prompts), args.arrival_ms / 1e3)
     engine = model.speech_engine(max_batch=len(prompts), timer=timer, prefill_tokens=args.prefill_tokens)
+    if args.fixed_chunks:
+        engine.pacer = FixedChunks()
     ids = {}
     start = time.perf_counter()
     while len(ids) < len(prompts) or engine.busy:
@@ -148,12 +162,15 @@ def main():
     name += f"_arrival{args.arrival_ms:g}" if args.arrival_ms else ""
     name += f"_long{args.long_prompt_tokens}" if args.long_prompt_tokens else ""
     name += f"_prefill{args.prefill_tokens}" if args.prefill_tokens else ""
-    result |= {"long_prompt_tokens": args.long_prompt_tokens, "prefill_tokens": args.prefill_tokens}
+    name += "_fixed" if args.fixed_chunks else ""
+    result |= {"long_prompt_tokens": args.long_prompt_tokens, "prefill_tokens": args.prefill_tokens,
+               "fixed_chunks": args.fixed_chunks}
     path = save(name, result)
     print(f"{result['env']['device']}, {args.dtype}: {args.answer_tokens} text tokens, {args.talker_tokens - 1} "
           f"frames per answer, a request every {args.arrival_ms:g} ms"
           + (f", the last with {args.long_prompt_tokens} prompt tokens" if args.long_prompt_tokens else "")
-          + (f", prefill chunks of {args.prefill_tokens}" if args.prefill_tokens else ""))
+          + (f", prefill chunks of {args.prefill_tokens}" if args.prefill_tokens else "")
+          + (", no pacing" if args.fixed_chunks else ""))
     print(f"{'':>4} {'':10} {'first token p50':>16} {'first packet p50':>17} {'max':>9} {'wall':>9} {'RTF':>7} "
           f"{'audio s/s':>10} {'stall':>9}")
     for r in rows:

@@ -311,7 +311,8 @@ class SpeechEngine:
             now = self.pacer.clock()
             for (answer, codes), samples in zip(group, audio[:, 0]):
                 answer.events.append(StreamEvent(audio=samples, codes=codes))
-                answer.first_audio_at = answer.first_audio_at or now
+                if answer.first_audio_at is None:
+                    answer.first_audio_at = now
                 answer.audio_seconds += samples.numel() / SAMPLE_RATE
         for answer in self.live:
             if answer.speech_done and answer.code2wav_row is not None:
