@@ -14,11 +14,11 @@ requests admitted in one tick run together. A tick prefills what ``PrefillPacer`
 ``prefill_tokens`` at most, fewer when an answer already speaking has little audio in hand; a longer prompt prefills
 a chunk per tick (``ChunkedPrefill``), so a long audio or video prompt does not stall the answers already speaking.
 As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first two tokens and never
-waits for the whole text, and the first frame's predictor runs right after the talker's prefill (together with the
-other answers that start in the same tick). An answer keeps its thinker row until its text ends, its talker row until
-its speech ends and its Code2Wav row until its last packet is decoded. Every answer is the one the single-request
-pipeline gives its prompt: the same rows of text conditioning in the same order, its own samplers and seeds, its own
-codebook-0 history.
+waits for the whole text, and the first frame's predictor runs right after the talker's prefill; the answers that
+start speaking in the same tick prefill the talker as one padded forward and run their first predictors together. An
+answer keeps its thinker row until its text ends, its talker row until its speech ends and its Code2Wav row until its
+last packet is decoded. Every answer is the one the single-request pipeline gives its prompt: the same rows of text
+conditioning in the same order, its own samplers and seeds, its own codebook-0 history.
 """
 from __future__ import annotations
 
@@ -233,28 +233,36 @@ class SpeechEngine:
                 self.finish_reasons[answer.index] = answer.thinker.finish_reason
 
     def _talker_starts(self) -> None:
-        """Prefills the talker of every answer whose text has reached the first frame's row; their first frames'
-        predictors run together."""
+        """Prefills the talker of every answer whose text has reached the first frame's row (together, as one
+        padded forward); their first frames' predictors run together."""
         cfg, tokens = self.model.config.talker, self.model.config.tokens
         starting = [a for a in self.live if not a.started and a.text.ready(ASSISTANT_TEXT_ROWS + 1)]
-        predicting = []
+        if not starting:
+            return
+        embeds, positions = [], []
         for answer in starting:
-            request, row = answer.request, answer.talker_row
+            request = answer.request
+            embeds.append(talker_prefill_embeds(self.model.talker, cfg, tokens, request.ids, answer.prompt_embeds,
+                                                answer.thinker.prompt_hidden, answer.text,
+                                                request.options.speaker_id))
+            positions.append(talker_positions(request.ids, request.media, self.model.config,
+                                              self.model.vision_encoder))
             answer.started = True
-            prefill = talker_prefill_embeds(self.model.talker, cfg, tokens, request.ids, answer.prompt_embeds,
-                                            answer.thinker.prompt_hidden, answer.text, request.options.speaker_id)
-            positions = talker_positions(request.ids, request.media, self.model.config, self.model.vision_encoder)
-            with self.timer("talker prefill"):
-                logits, hidden = self.talker_rows.prefill(row, prefill, positions)
-            opts = request.options
-            self.talker_rows.begin_answer(row, opts.talker_sampler, opts.predictor_sampler)
-            code0 = self.talker_rows.sample_code0(row, logits)
             answer.prompt_embeds = None   # the prompt's embeddings and hidden states are needed no more
             answer.thinker.prompt_hidden = None
-            if opts.talker_max_new_tokens == 1 or int(code0) == cfg.codec_eos:
+        with self.timer("talker prefill"):
+            prefilled = self.talker_rows.prefill_many([a.talker_row for a in starting], embeds, positions)
+        code0 = []
+        for answer, (logits, _) in zip(starting, prefilled):
+            opts = answer.request.options
+            self.talker_rows.begin_answer(answer.talker_row, opts.talker_sampler, opts.predictor_sampler)
+            code0.append(self.talker_rows.sample_code0(answer.talker_row, logits))
+        predicting = []
+        for answer, (_, hidden), code, value in zip(starting, prefilled, code0, torch.cat(code0).tolist()):
+            if answer.request.options.talker_max_new_tokens == 1 or value == cfg.codec_eos:
                 self._end_speech(answer)
             else:
-                predicting.append((answer, hidden, code0))
+                predicting.append((answer, hidden, code))
         if not predicting:
             return
         answers = [a for a, _, _ in predicting]
@@ -262,8 +270,8 @@ class SpeechEngine:
             residuals, embeds = self.talker_rows.predict([a.talker_row for a in answers],
                                                          torch.cat([h for _, h, _ in predicting]),
                                                          torch.cat([c for _, _, c in predicting]))
-        for i, (answer, _, code0) in enumerate(predicting):
-            self._add_frame(answer, torch.cat([code0, residuals[i]]), embeds[i:i + 1])
+        for i, (answer, _, code) in enumerate(predicting):
+            self._add_frame(answer, torch.cat([code, residuals[i]]), embeds[i:i + 1])
 
     def _talker_frames(self) -> None:
         """One frame of every speaking answer whose next text row is known."""

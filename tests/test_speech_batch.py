@@ -9,9 +9,8 @@ import torch
 import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.api import SpokenParts
-from omni_runtime.engine.batch_rows import batch_buckets
+from omni_runtime.engine.batch_rows import DEFAULT_PREFILL_TOKENS, batch_buckets
 from omni_runtime.engine.prefill_pacer import PrefillPacer
-from omni_runtime.engine.thinker_batch import DEFAULT_PREFILL_TOKENS
 from omni_runtime.pipeline import StageTimer
 from test_speech import GREEDY_TALKER
 from test_thinker_parity import IM_END, chat_prompt
@@ -123,6 +122,35 @@ def test_seeded_sampling_and_speakers_per_prompt(model):
     greedy = model.generate_batch(batch[:1], max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=10,
                                   talker_sampling=GREEDY_TALKER, return_audio=True)
     assert not torch.equal(greedy[0].codes, got[0].codes)   # the seeds were drawn from, per row
+
+
+def test_talker_prefills_together_match_alone(model):
+    # three answers' talker prompts of different lengths in rows 2, 0, 1, right-padded into one forward: each row's
+    # logits, last hidden state, length, next position and next frame are those of its prompt prefilled alone
+    from omni_runtime.engine.talker_batch import BatchedTalkerRunner
+    single = model.talker_runner
+    runner = BatchedTalkerRunner(model.talker, model.config.talker, 3, single.max_len, model.device, model.dtype,
+                                 single.code0_suppress, single.frame_weights)
+    alone_runner = BatchedTalkerRunner(model.talker, model.config.talker, 3, single.max_len, model.device,
+                                       model.dtype, single.code0_suppress, single.frame_weights)
+    hidden_size = model.config.talker.text.hidden_size
+    embeds = [torch.randn(1, n, hidden_size, generator=torch.Generator().manual_seed(n)) for n in (12, 21, 17)]
+    positions = [torch.arange(n).view(1, 1, n).expand(3, 1, n) + 5 * i for i, n in enumerate((12, 21, 17))]
+    rows = [2, 0, 1]
+    for _ in rows:
+        runner.acquire(), alone_runner.acquire()
+    with torch.inference_mode():
+        together = runner.prefill_many(rows, embeds, positions)
+        step = torch.randn(3, 1, hidden_size, generator=torch.Generator().manual_seed(0))
+        for row, e, p, (logits, hidden) in zip(rows, embeds, positions, together):
+            want_logits, want_hidden = alone_runner.prefill(row, e, p)
+            torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
+        assert runner.host_lengths == alone_runner.host_lengths == [21, 17, 12]
+        torch.testing.assert_close(runner.next_positions, alone_runner.next_positions)
+        (code0, residuals, frame_embeds), want = runner.frame(rows, step), alone_runner.frame(rows, step)  # greedy
+    assert torch.equal(code0, want[0]) and torch.equal(residuals, want[1])
+    torch.testing.assert_close(frame_embeds, want[2], atol=1e-5, rtol=1e-5)
 
 
 def test_stream_batch_interleaves_answers(model):

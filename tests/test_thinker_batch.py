@@ -6,7 +6,8 @@ import torch
 import omni_kernels as ok
 from omni_runtime import OmniModel, SamplingParams
 from omni_runtime.engine.batch_rows import batch_buckets
-from omni_runtime.engine.thinker_batch import DEFAULT_PREFILL_TOKENS, BatchedThinkerRunner
+from omni_runtime.engine.batch_rows import DEFAULT_PREFILL_TOKENS
+from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from test_thinker_parity import IM_END, chat_prompt
 
 

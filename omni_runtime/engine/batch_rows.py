@@ -15,7 +15,10 @@ import omni_kernels as ok
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.engine.decoder_state import DecoderState
 from omni_runtime.engine.graphs import BatchStepGraph
+from omni_runtime.kv_cache import StaticKVCache
 from omni_runtime.layers import StepContext
+
+DEFAULT_PREFILL_TOKENS = 4096   # prompt tokens per prefill forward (padding included); longer prompts go in chunks
 
 
 class CacheRows:
@@ -73,6 +76,7 @@ class BatchedRows(RowPool):
                  capture: bool = True):
         super().__init__(max_batch)
         self.capture = capture
+        self.prefill_tokens = DEFAULT_PREFILL_TOKENS
         self.state = DecoderState(cfg, max_len, device, dtype, batch=max_batch)
         rows = (3, max_batch, 1) if self.state.mrope_section else (max_batch, 1)
         self.next_positions = torch.zeros(rows, dtype=torch.float32, device=device)   # each row's next position
@@ -100,6 +104,50 @@ class BatchedRows(RowPool):
         self.next_positions[..., row:row + 1, :] = positions[..., -1:] + 1
         self.lengths[row] = self.host_lengths[row] = length
         return ctx, CacheRows(state.cache.kv, slice(row, row + 1))
+
+    def prefill_groups(self, lengths: list[int], alone: set[int] = frozenset()) -> list[list[int]]:
+        """Indices of prompts of ``lengths`` tokens in groups that prefill as one right-padded forward each, in
+        order, ``prefill_tokens`` padded tokens at most a group; those in ``alone`` each by itself."""
+        groups: list[list[int]] = []
+        joinable: list[int] = []   # the group the next prompt may join
+        for i, length in enumerate(lengths):
+            if i in alone:
+                groups.append([i])
+            elif joinable and (len(joinable) + 1) * max(lengths[j] for j in joinable + [i]) <= self.prefill_tokens:
+                joinable.append(i)
+            else:
+                joinable = [i]
+                groups.append(joinable)
+        return groups
+
+    def prefill_padded(self, rows: list[int], embeds: list[torch.Tensor], positions: list[torch.Tensor], forward):
+        """Prompts (``embeds`` [1, L_i, H] at ``positions`` [3, 1, L_i] or [1, L_i]) of the sequences in ``rows``,
+        right-padded into one forward over a scratch cache (causal attention never lets a token see the padding
+        behind it), then each into its row -> (``forward(embeds [n, L, H], ctx, scratch)``'s outputs, the lengths
+        L_i). The row's length and next position are its prompt's from now on."""
+        state, n = self.state, len(rows)
+        lengths = [e.shape[1] for e in embeds]
+        longest = max(lengths)
+        if longest > self.max_len:
+            raise ValueError(f"prompt ({longest} tokens) exceeds the {self.max_len} positions of the {self.name}'s "
+                             "cache")
+        padded = embeds[0].new_zeros(n, longest, embeds[0].shape[-1])                           # [n, L, H]
+        padded_positions = positions[0].new_zeros(*positions[0].shape[:-2], n, longest)         # [3, n, L]
+        for i, (e, p, length) in enumerate(zip(embeds, positions, lengths)):
+            padded[i, :length] = e[0]
+            padded_positions[..., i, :length] = p[..., 0, :]
+            # the padding continues the positions (any finite rotary rows would do: no real token sees them)
+            padded_positions[..., i, length:] = p[..., 0, -1:] + torch.arange(1, longest - length + 1,
+                                                                             device=state.device)
+        cos, sin = ok.mrope_cos_sin_ref(padded_positions, state.inv_freq, state.mrope_section, state.dtype)
+        scratch = StaticKVCache(state.cfg.num_hidden_layers, state.cfg.num_key_value_heads, state.cfg.head_dim,
+                                longest, state.dtype, state.device, n)
+        out = forward(padded, StepContext(cos, sin, torch.arange(longest, device=state.device), longest), scratch)
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            state.cache.kv[:, :, row, :, :length] = scratch.kv[:, :, i, :, :length]
+            self.next_positions[..., row, :] = padded_positions[..., i, length - 1:length] + 1
+            self.lengths[row] = self.host_lengths[row] = length
+        return out, lengths
 
     def step_rows(self, rows: list[int], x: torch.Tensor):
         """One step of the live sequences in ``rows`` on their inputs ``x`` [n, ...] -> the step's outputs (a tensor

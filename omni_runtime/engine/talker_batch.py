@@ -8,8 +8,9 @@ predictor's 15 steps for all rows at once. The predictor's cache is rewritten ea
 same predictor position and the 15 step contexts are shared. Each row draws from its own generators, reseeded from
 its answer's seeds (``begin_answer``): a seed gives every answer the codes it gets alone. On a GPU a bucket's frame
 (per sampling settings of its rows) replays one CUDA graph with those generators registered; on a CPU (fp32) the
-talker step over the rows and each row's predictor frame are calls of their C++ twins. The first frame of an answer
-(its predictor only, right after its prefill) runs eagerly over the rows that start together.
+talker step over the rows and each row's predictor frame are calls of their C++ twins. The answers that start
+together prefill as one right-padded forward (``prefill_many``), and their first frames (the predictor only, right
+after the prefill) run eagerly over their rows.
 """
 from __future__ import annotations
 
@@ -80,6 +81,24 @@ class BatchedTalkerRunner(BatchedRows):
         ctx, cache = self.prefill_context(row, positions)
         hidden = self.talker.model(embeds, ctx, cache)
         return self.talker.codec_head(hidden)[:, -1].float(), hidden[:, -1:]
+
+    @torch.inference_mode()
+    def prefill_many(self, rows: list[int], embeds: list[torch.Tensor],
+                     positions: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The answers in ``rows`` that start together: ``prefill``'s inputs and outputs for each, in their order,
+        right-padded into one forward per group of ``prefill_tokens`` padded tokens (``prefill_padded``)."""
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in self.prefill_groups([e.shape[1] for e in embeds]):
+            if len(group) == 1:
+                out[group[0]] = self.prefill(rows[group[0]], embeds[group[0]], positions[group[0]])
+                continue
+            hidden, lengths = self.prefill_padded([rows[j] for j in group], [embeds[j] for j in group],
+                                                  [positions[j] for j in group], self.talker.model)   # [n, L, H]
+            last = torch.tensor(lengths, device=hidden.device) - 1
+            hidden = hidden[torch.arange(len(group), device=hidden.device), last][:, None]          # [n, 1, H]
+            logits = self.talker.codec_head(hidden)[:, -1].float()                                  # [n, V]
+            out.update((j, (logits[i:i + 1], hidden[i:i + 1])) for i, j in enumerate(group))
+        return [out[i] for i in range(len(rows))]
 
     def sample_code0(self, row: int, logits: torch.Tensor) -> torch.Tensor:
         """logits: [1, V] fp32 -> the row's codebook-0 code [1], penalised by and added to its history."""

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import torch
 
-import omni_kernels as ok
 from omni_runtime.config import MoeTextConfig
 from omni_runtime.engine.batch_rows import BatchedRows, CacheRows
 from omni_runtime.engine.graphs import BatchStepGraph
-from omni_runtime.kv_cache import StaticKVCache
 from omni_runtime.layers import StepContext
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.multimodal import Deepstack, PromptInputs
 
-DEFAULT_PREFILL_TOKENS = 4096   # prompt tokens per prefill forward (padding included); longer prompts go in chunks
 
 
 class BatchedThinkerRunner(BatchedRows):
@@ -26,7 +23,6 @@ class BatchedThinkerRunner(BatchedRows):
                  dtype: torch.dtype, capture: bool = True):
         super().__init__(cfg, max_batch, max_len, device, dtype, capture)
         self.thinker = thinker
-        self.prefill_tokens = DEFAULT_PREFILL_TOKENS
         self.step_weights = self.state.one_call_weights(thinker.model.layers, thinker.model.norm.weight,
                                                         thinker.lm_head.weight)
         self.steps: dict[int, BatchStepGraph] = {}
@@ -54,60 +50,24 @@ class BatchedThinkerRunner(BatchedRows):
     def prefill_many(self, rows: list[int], prompts: list[PromptInputs],
                      capture_layer: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The prompts of the sequences in ``rows`` -> what ``prefill`` returns for each, in their order. Prompts
-        are prefilled together, ``prefill_tokens`` padded tokens at most per forward (a longer prompt alone; the
-        engines give those a ``ChunkedPrefill`` instead, pipeline.py): an MoE prefill reads every
-        expert's weights whatever its token count, so n prompts in one forward cost little more than one. Each
-        goes right-padded into a scratch cache (causal attention never lets a token see the padding behind it),
-        then into its row. Prompts with DeepStack features (images, video) prefill alone."""
-        groups: list[list[int]] = []
-        joinable: list[int] = []   # the group the next prompt without DeepStack may join
-        for i, prompt in enumerate(prompts):
-            if prompt.deepstack is not None:
-                groups.append([i])
-            elif joinable and (len(joinable) + 1) * max(prompts[j].positions.shape[-1] for j in joinable + [i]) \
-                    <= self.prefill_tokens:
-                joinable.append(i)
-            else:
-                joinable = [i]
-                groups.append(joinable)
+        are prefilled together (``prefill_padded``), ``prefill_tokens`` padded tokens at most per forward (a longer
+        prompt alone; the engines give those a ``ChunkedPrefill`` instead, pipeline.py): an MoE prefill reads every
+        expert's weights whatever its token count, so n prompts in one forward cost little more than one. Prompts
+        with DeepStack features (images, video) prefill alone."""
+        alone = {i for i, p in enumerate(prompts) if p.deepstack is not None}
         out: dict[int, tuple] = {}
-        for group in groups:
+        for group in self.prefill_groups([p.positions.shape[-1] for p in prompts], alone):
             if len(group) == 1:
                 out[group[0]] = self.prefill(rows[group[0]], prompts[group[0]], capture_layer)
-            else:
-                out.update(zip(group, self._prefill_together([rows[j] for j in group], [prompts[j] for j in group],
-                                                             capture_layer)))
+                continue
+            (hidden, captured), lengths = self.prefill_padded(
+                [rows[j] for j in group], [prompts[j].embeds for j in group], [prompts[j].positions for j in group],
+                lambda embeds, ctx, cache: self.thinker.model(embeds, ctx, cache, capture_layer))   # [n, L, H]
+            last = torch.tensor(lengths, device=hidden.device) - 1
+            logits = self.thinker.lm_head(hidden[torch.arange(len(group), device=hidden.device), last]).float()
+            for i, (j, length) in enumerate(zip(group, lengths)):
+                out[j] = logits[i:i + 1], None if captured is None else captured[i:i + 1, :length]
         return [out[i] for i in range(len(prompts))]
-
-    def _prefill_together(self, rows: list[int], prompts: list[PromptInputs], capture_layer: int | None):
-        state, n = self.state, len(prompts)
-        lengths = [p.positions.shape[-1] for p in prompts]
-        longest = max(lengths)
-        if longest > self.max_len:
-            raise ValueError(f"prompt ({longest} tokens) exceeds the {self.max_len} positions of the {self.name}'s "
-                             "cache")
-        embeds = prompts[0].embeds.new_zeros(n, longest, prompts[0].embeds.shape[-1])            # [n, L, H]
-        positions = prompts[0].positions.new_zeros(*prompts[0].positions.shape[:-2], n, longest)  # [3, n, L]
-        for i, (prompt, length) in enumerate(zip(prompts, lengths)):
-            embeds[i, :length] = prompt.embeds[0]
-            positions[..., i, :length] = prompt.positions[..., 0, :]
-            # the padding continues the positions (any finite rotary rows would do: no real token sees them)
-            positions[..., i, length:] = prompt.positions[..., 0, -1:] + torch.arange(1, longest - length + 1,
-                                                                                     device=state.device)
-        cos, sin = ok.mrope_cos_sin_ref(positions, state.inv_freq, state.mrope_section, state.dtype)
-        scratch = StaticKVCache(state.cfg.num_hidden_layers, state.cfg.num_key_value_heads, state.cfg.head_dim,
-                                longest, state.dtype, state.device, n)
-        ctx = StepContext(cos, sin, torch.arange(longest, device=state.device), longest)
-        hidden, captured = self.thinker.model(embeds, ctx, scratch, capture_layer)                 # [n, L, H]
-        last = torch.tensor(lengths, device=state.device) - 1
-        logits = self.thinker.lm_head(hidden[torch.arange(n, device=state.device), last]).float()  # [n, V]
-        results = []
-        for i, (row, length) in enumerate(zip(rows, lengths)):
-            self.state.cache.kv[:, :, row, :, :length] = scratch.kv[:, :, i, :, :length]
-            self.next_positions[..., row, :] = positions[..., i, length - 1:length] + 1
-            self.lengths[row] = self.host_lengths[row] = length
-            results.append((logits[i:i + 1], None if captured is None else captured[i:i + 1, :length]))
-        return results
 
     @torch.inference_mode()
     def decode(self, rows: list[int], tokens: torch.Tensor) -> torch.Tensor:
