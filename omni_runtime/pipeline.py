@@ -157,11 +157,12 @@ def _stream_args(start: ThinkerStart) -> tuple:
 
 
 class ChunkedPrefill:
-    """A prompt longer than a tick may prefill (the batched runner's ``prefill_tokens``, or the speech engine's
-    paced budget), prefilled in its row a chunk at a time: the rows already decoding wait for one chunk per tick,
-    never for the whole prompt (a long audio or video prompt would stall every live answer's speech). ``advance(tokens)`` prefills the next ``tokens`` at most; the last
-    chunk returns the sequence's ``ThinkerStream``. Chunks attend to the keys the row holds, so the stream is the one
-    a whole prefill gives, up to the rounding of GEMMs over fewer rows."""
+    """A prompt longer than a tick may prefill (the batched runner's ``prefill_tokens``, or the speech engine's paced
+    budget), prefilled in its row a chunk at a time: the rows already decoding wait for one chunk per tick, never
+    for the whole prompt (a long audio or video prompt would stall every live answer's speech). ``advance(tokens)``
+    prefills the next ``tokens`` at most; the last chunk returns the sequence's ``ThinkerStream``. Chunks attend to
+    the keys the row holds, so the stream is the one a whole prefill gives, up to the rounding of GEMMs over fewer
+    rows."""
 
     def __init__(self, runner, row: int, start: ThinkerStart, capture_layer: int | None, timer: StageTimer):
         self.runner, self.row, self.start, self.capture_layer, self.timer = runner, row, start, capture_layer, timer
