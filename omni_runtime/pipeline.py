@@ -2,8 +2,9 @@
 
 The thinker runs one token ahead of the talker: talker step k needs only the thinker token that conditions it
 (see engine/talker_prompt.py), so speech starts after the thinker's first token and the talker never waits for the
-whole answer. Frames go to a stateful Code2Wav stream as they are finished, in chunks of ``first_chunk_frames`` and
-then ``chunk_frames``; samples are yielded as soon as they are final, with no re-decoding and no seams.
+whole answer. Frames go to a stateful Code2Wav stream as they are finished, in packets that ramp from
+``first_chunk_frames`` up to ``chunk_frames`` (``PacketSchedule``); samples are yielded as soon as they are final,
+with no re-decoding and no seams.
 """
 from __future__ import annotations
 
@@ -294,26 +295,38 @@ class SpeechSession:
 
 
 class PacketSchedule:
-    """An answer's finished frames, in packets for Code2Wav: ``first_chunk_frames``, then ``chunk_frames`` each."""
+    """An answer's finished frames, in packets for Code2Wav: ``first_chunk_frames``, that many again, then twice as
+    many each packet up to ``chunk_frames`` (1, 1, 2, 4, 4, ... by default). The ramp keeps a client that plays
+    from the first packet on fed while packets grow: it has the audio of all earlier packets, less the 555 samples
+    the first one lacks, to wait for the next. With 1, 1, 2, 4 a frame may take up to ~42 ms to make without a gap
+    (1, 4 would allow ~14 ms); from then on a packet of ``chunk_frames`` frames buys that many ticks."""
 
     def __init__(self, options: SpeechOptions):
         self.options = options
         self.pending: list[torch.Tensor] = []   # finished frames not yet sent to Code2Wav, each [16]
         self.frames_sent = 0
+        self.packets = 0
 
     def add(self, frame: torch.Tensor) -> None:
         self.pending.append(frame)
 
+    def wanted(self) -> int:
+        """Frames the next packet waits for: packet k (from 0) ``first_chunk_frames * 2 ** (k - 1)``, the first two
+        ``first_chunk_frames``, at most ``chunk_frames`` after the first."""
+        first = self.options.first_chunk_frames
+        if self.packets == 0:
+            return first
+        return min(self.options.chunk_frames, first << min(self.packets - 1, 16))
+
     def take(self, final: bool, on_beat: bool = False) -> torch.Tensor | None:
-        """The packet due now, [16, n], or None. ``final``: whatever is pending. ``on_beat``: a later packet goes
-        out short, so that concurrent answers' packets fall on the same ticks and decode together (speech_batch.py);
-        a packet is never later than it would be without it."""
-        first = self.frames_sent == 0
-        want = self.options.first_chunk_frames if first else self.options.chunk_frames
-        if not self.pending or not (final or len(self.pending) >= want or (on_beat and not first)):
+        """The packet due now, [16, n], or None. ``final``: whatever is pending. ``on_beat``: a packet after the
+        first goes out short, so that concurrent answers' packets fall on the same ticks and decode together
+        (speech_batch.py); a packet is never later than it would be without it."""
+        if not self.pending or not (final or len(self.pending) >= self.wanted() or (on_beat and self.packets)):
             return None
         codes = torch.stack(self.pending, dim=1)                           # [16, n]
         self.frames_sent += codes.shape[1]
+        self.packets += 1
         self.pending = []
         return codes
 

@@ -170,10 +170,28 @@ def test_stream_batch_interleaves_answers(model):
     assert sorted(order[:3]) == [0, 1, 2]          # every answer's first packet before any second one
 
 
+@pytest.mark.parametrize("first, chunk, sizes", [(1, 4, [1, 1, 2, 4, 4, 4]), (3, 25, [3, 3, 6, 12, 24, 25]),
+                                                 (2, 1, [2, 1, 1, 1, 1, 1])])
+def test_packets_ramp_up_to_chunk_frames(first, chunk, sizes):
+    # a frame a tick: packets of first_chunk_frames, that many again, then doubling up to chunk_frames
+    from omni_runtime.pipeline import PacketSchedule, SpeechOptions
+    schedule = PacketSchedule(SpeechOptions(0, None, None, 1000, first, chunk))
+    got = []
+    for _ in range(sum(sizes)):
+        schedule.add(torch.zeros(16, dtype=torch.long))
+        codes = schedule.take(final=False)
+        if codes is not None:
+            got.append(codes.shape[1])
+    assert got == sizes and schedule.frames_sent == sum(sizes)
+    schedule.add(torch.zeros(16, dtype=torch.long))
+    assert schedule.take(final=False, on_beat=True).shape == (16, 1)   # on the beat: what is pending, short
+    assert schedule.take(final=True) is None                         # nothing pending
+
+
 def test_staggered_answers_decode_their_packets_together(model):
-    # Requests a tick apart: after its first packet, each answer sends its frames on the engine's beat (ticks that
-    # are multiples of chunk_frames), so their later packets share Code2Wav pushes; none holds more than chunk_frames
-    # frames, and each answer's audio is still its own.
+    # Requests a tick apart: after its ramp (packets of 1, 1, 2 frames), each answer sends its frames on the engine's
+    # beat (ticks that are multiples of chunk_frames), so their later packets share Code2Wav pushes; none holds more
+    # than chunk_frames frames, and each answer's audio is still its own.
     batch = prompts(3)
     kwargs = dict(max_new_tokens=8, eos_token_id=IM_END, talker_max_new_tokens=14, talker_sampling=GREEDY_TALKER)
     expected = [alone(model, p, **kwargs) for p in batch]
@@ -191,8 +209,8 @@ def test_staggered_answers_decode_their_packets_together(model):
     pushes = set()
     for rid, e in zip(ids, expected):
         sizes = [event.codes.shape[1] for _, event in packets[rid]]
-        assert sizes[0] == 1 and max(sizes) <= 4 and sum(sizes) == e.codes.shape[1]
-        assert all(t % 4 == 0 for t, _ in packets[rid][1:-1])     # the last one goes when speech ends
+        assert sizes[:2] == [1, 1] and sizes[2] <= 2 and max(sizes) <= 4 and sum(sizes) == e.codes.shape[1]
+        assert all(t % 4 == 0 for t, _ in packets[rid][3:-1])     # the last one goes when speech ends
         torch.testing.assert_close(torch.cat([ev.audio for _, ev in packets[rid]]), e.audio, atol=WAVE_ATOL, rtol=0)
         pushes |= {(t, ev.codes.shape[1], i == 0) for i, (t, ev) in enumerate(packets[rid])}
     assert len({t for t, _ in packets[ids[0]][:1] + packets[ids[1]][:1] + packets[ids[2]][:1]}) == 3   # staggered
