@@ -18,8 +18,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
 
 class PrefillPacer:
     def __init__(self, min_tokens: int = 256, patience: int = 8, clock: Callable[[], float] = time.perf_counter):
@@ -27,17 +25,12 @@ class PrefillPacer:
         self.samples: deque[tuple[int, float]] = deque(maxlen=16)   # (tokens, seconds) of recent prefills
         self.ticks: deque[float] = deque(maxlen=8)                  # seconds of recent ticks besides prefill
         self.waited = 0   # ticks in a row that prefilled nothing while a prompt waited
+        self.fit: tuple[float, float] | None = None                 # (fixed, per_token) seconds
 
     def cost(self) -> tuple[float, float] | None:
         """(fixed, per_token) seconds: None before any prefill; all per token while every prefill had one size
-        (which overestimates bigger ones)."""
-        tokens = [n for n, _ in self.samples]
-        if len(set(tokens)) < 2:
-            return (0.0, max(self.samples[-1][1] / tokens[-1], 1e-9)) if tokens else None
-        n = torch.tensor(tokens, dtype=torch.float64)
-        t = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
-        per_token = max(float(((n - n.mean()) * (t - t.mean())).sum() / ((n - n.mean()) ** 2).sum()), 1e-9)
-        return max(float(t.mean()) - per_token * float(n.mean()), 0.0), per_token
+        (which overestimates bigger ones). Fitted when a prefill is recorded, not on every tick."""
+        return self.fit
 
     def budget(self, slacks: list[float], max_tokens: int, ticks_to_packet: int) -> int:
         """Prompt tokens this tick may prefill, given the speaking answers' slacks (seconds)."""
@@ -53,8 +46,18 @@ class PrefillPacer:
         return floor if self.waited >= self.patience else 0
 
     def record_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens:
-            self.samples.append((tokens, seconds))
+        if not tokens:
+            return
+        self.samples.append((tokens, seconds))
+        sizes = [n for n, _ in self.samples]
+        if len(set(sizes)) < 2:
+            self.fit = 0.0, max(seconds / tokens, 1e-9)
+            return
+        mean_n = sum(sizes) / len(sizes)
+        mean_t = sum(t for _, t in self.samples) / len(sizes)
+        slope = sum((n - mean_n) * (t - mean_t) for n, t in self.samples) / sum((n - mean_n) ** 2 for n in sizes)
+        per_token = max(slope, 1e-9)
+        self.fit = max(mean_t - per_token * mean_n, 0.0), per_token
 
     def record_tick(self, seconds: float, prompt_waited: bool) -> None:
         """A tick's work besides prefill; ``prompt_waited``: a prompt had tokens to prefill and got none."""
