@@ -15,35 +15,19 @@ namespace {
 constexpr char const* kOp = "omni::causal_conv1d: ";
 
 using omni::conv_launch::CheckLike;
-using omni::conv_launch::Ptr;
-using omni::conv_launch::Stride;
+using omni::conv_launch::FillShared;
 
 template <typename T>
 void Launch(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Tensor> const& bias, int64_t dilation,
             bool depthwise, std::optional<at::Tensor> const& state, std::optional<at::Tensor> const& alpha,
             std::optional<at::Tensor> const& beta, at::Tensor& out, at::Tensor& new_state) {
   omni::CausalConv1dArgs<T> p;
-  p.x = reinterpret_cast<T const*>(x.const_data_ptr());
-  p.weight = reinterpret_cast<T const*>(weight.const_data_ptr());
-  p.bias = Ptr<T>(bias);
-  p.state = Ptr<T>(state);
-  p.alpha = Ptr<T>(alpha);
-  p.beta = Ptr<T>(beta);
-  p.y = reinterpret_cast<T*>(out.mutable_data_ptr());
-  p.new_state = reinterpret_cast<T*>(new_state.mutable_data_ptr());
-  p.batch = static_cast<int>(x.size(0));
-  p.c_in = static_cast<int>(x.size(1));
-  p.length = static_cast<int>(x.size(2));
+  FillShared<T>(p, x, weight, bias, state, alpha, beta, out, new_state);
   p.c_out = static_cast<int>(weight.size(0));
   p.taps = static_cast<int>(weight.size(2));
   p.dilation = static_cast<int>(dilation);
   p.depthwise = depthwise;
-  p.sxb = x.stride(0), p.sxc = x.stride(1), p.sxl = x.stride(2);
-  p.swo = weight.stride(0), p.swi = weight.stride(1), p.swk = weight.stride(2);
-  p.sb = Stride(bias, 0), p.sa = Stride(alpha, 0), p.sbe = Stride(beta, 0);
-  p.ssb = Stride(state, 0), p.ssc = Stride(state, 1), p.ssl = Stride(state, 2);
-  p.syb = out.stride(0), p.syc = out.stride(1), p.syl = out.stride(2);
-  p.snb = new_state.stride(0), p.snc = new_state.stride(1), p.snl = new_state.stride(2);
+  p.swo = weight.stride(0), p.swi = weight.stride(1);
   cudaError_t const err = omni::CausalConv1d<T>(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
 }
