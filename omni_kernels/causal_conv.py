@@ -177,6 +177,10 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torc
 #                   phase r a GEMM over (C_in, t). The phase is a grid axis, so each program reads 1/stride of the
 #                   weights (decode reads all weights for a handful of samples: spreading them is what matters).
 #   new state:      a small kernel copies the window's last samples (after the snake) into a fresh tensor.
+# Grid: the convs fold (b, C_out block, length block) onto axis 0, length blocks fastest (neighbours share weights
+# and adjacent inputs): CUDA allows 2^31 - 1 programs there but 65535 on axes 1 and 2, which long audio's length
+# blocks alone pass (65535 x 64 = 4.2M samples). Element offsets are int64: one tensor's C x L passes 2^31 (96
+# channels x 22.4M samples).
 # Rounding: conv1d accumulates in fp32 and rounds once after the bias, like torch's CPU conv (oneDNN) for every dtype.
 # torch's CPU transposed conv in fp16/bf16 rounds each tap's GEMM to the dtype, adds the overlapping taps and then
 # the bias in the dtype (im2col GEMM + col2im); the kernel repeats that (ROUND_TAPS). The fused SnakeBeta repeats
@@ -204,6 +208,7 @@ def _window(x_ptr, state_ptr, c, c_ok, p, sxc, sxl, ssc, ssl, state_len, length,
     # cat(state, act(x)) at channels c [C, 1] and window positions p [1, N] -> fp32 [C, N]; x_ptr/state_ptr point
     # at the batch row already. Positions outside [0, state_len + length) read 0.
     in_x = (p >= state_len) & (p < state_len + length)
+    c, p = c.to(tl.int64), p.to(tl.int64)
     v = tl.load(x_ptr + c * sxc + (p - state_len) * sxl, mask=c_ok & in_x, other=0.0).to(tl.float32)
     if SNAKE:  # act(0) = 0, so masked samples stay 0
         s = _round(tl.sin(_round(v * a, DTYPE)), DTYPE)
@@ -223,9 +228,10 @@ def _causal_conv1d_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    co = (tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO))[:, None]           # [BCO, 1]
-    l = (tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]              # [1, BL]
+    pid, n_l, n_co = tl.program_id(0), tl.cdiv(length, BLOCK_L), tl.cdiv(c_out, BLOCK_CO)
+    b = (pid // (n_l * n_co)).to(tl.int64)
+    co = ((pid // n_l % n_co * BLOCK_CO + tl.arange(0, BLOCK_CO)).to(tl.int64))[:, None]   # [BCO, 1]
+    j = (pid % n_l * BLOCK_L + tl.arange(0, BLOCK_L))[None, :]                            # [1, BL] outputs
     co_ok = co < c_out
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     x_row, s_row = x_ptr + b * sxb, state_ptr + b * ssb
@@ -237,7 +243,7 @@ def _causal_conv1d_kernel(
             c = first + ci
             a, inv = _snake_params(alpha_ptr, beta_ptr, c, co_ok, DTYPE) if SNAKE else (0.0, 0.0)
             for k in tl.static_range(K):
-                v = _window(x_row, s_row, c, co_ok, l + k * dilation, sxc, sxl, ssc, ssl, context, length, a, inv,
+                v = _window(x_row, s_row, c, co_ok, j + k * dilation, sxc, sxl, ssc, ssl, context, length, a, inv,
                             HAS_STATE, SNAKE, DTYPE)
                 w = tl.load(w_ptr + co * swo + ci * swi + k * swk, mask=co_ok, other=0.0).to(tl.float32)
                 acc += w * v
@@ -247,7 +253,7 @@ def _causal_conv1d_kernel(
             ci_ok = ci < c_in
             a, inv = _snake_params(alpha_ptr, beta_ptr, ci[:, None], ci_ok[:, None], DTYPE) if SNAKE else (0.0, 0.0)
             for k in tl.static_range(K):
-                v = _window(x_row, s_row, ci[:, None], ci_ok[:, None], l + k * dilation, sxc, sxl, ssc, ssl, context,
+                v = _window(x_row, s_row, ci[:, None], ci_ok[:, None], j + k * dilation, sxc, sxl, ssc, ssl, context,
                             length, a, inv, HAS_STATE, SNAKE, DTYPE)                          # [BCI, BL]
                 w = tl.load(w_ptr + co * swo + ci[None, :] * swi + k * swk, mask=co_ok & ci_ok[None, :],
                             other=0.0)                                                        # [BCO, BCI]
@@ -257,7 +263,7 @@ def _causal_conv1d_kernel(
                     acc += tl.dot(w, v.to(w.dtype), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * syb + co * syc + l * syl, acc.to(DTYPE), mask=co_ok & (l < length))
+    tl.store(y_ptr + b * syb + co * syc + j.to(tl.int64) * syl, acc.to(DTYPE), mask=co_ok & (j < length))
 
 
 @triton.jit
@@ -269,10 +275,11 @@ def _causal_conv_transpose1d_kernel(
     ROUND_TAPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    co = (tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO))[:, None]           # [BCO, 1]
-    r = tl.program_id(2) % stride                                                    # output phase
-    q = ((tl.program_id(2) // stride) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :]  # [1, BQ] input frames
+    r, tile = tl.program_id(0) % stride, tl.program_id(0) // stride     # output phase (fastest), (b, co, q) block
+    n_q, n_co = tl.cdiv(n_out, BLOCK_Q), tl.cdiv(c_out, BLOCK_CO)
+    b = (tile // (n_q * n_co)).to(tl.int64)
+    co = ((tile // n_q % n_co * BLOCK_CO + tl.arange(0, BLOCK_CO)).to(tl.int64))[:, None]  # [BCO, 1]
+    q = (tile % n_q * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :]                           # [1, BQ] input frames
     co_ok = co < c_out
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     x_row, s_row = x_ptr + b * sxb, state_ptr + b * ssb
@@ -297,7 +304,8 @@ def _causal_conv_transpose1d_kernel(
             y += acc
     if HAS_BIAS:
         y += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * syb + co * syc + (q * stride + r) * syl, y.to(DTYPE), mask=co_ok & (q < n_out))
+    j = (q * stride + r).to(tl.int64)
+    tl.store(y_ptr + b * syb + co * syc + j * syl, y.to(DTYPE), mask=co_ok & (q < n_out))
 
 
 @triton.jit
@@ -308,14 +316,15 @@ def _window_tail_kernel(
 ):
     # out[b, c, i] = cat(state, act(x))[b, c, state_len + length - keep + i], i < keep: the carried state
     b = tl.program_id(0).to(tl.int64)
-    c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
-    i = tl.arange(0, BLOCK_S)[None, :]
+    c = ((tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64))[:, None]
     c_ok = c < channels
     DTYPE: tl.constexpr = out_ptr.dtype.element_ty
     a, inv = _snake_params(alpha_ptr, beta_ptr, c, c_ok, DTYPE) if SNAKE else (0.0, 0.0)
-    v = _window(x_ptr + b * sxb, state_ptr + b * ssb, c, c_ok, state_len + length - keep + i, sxc, sxl, ssc, ssl,
-                state_len, length, a, inv, HAS_STATE, SNAKE, DTYPE)
-    tl.store(out_ptr + b * sob + c * soc + i * sol, v.to(DTYPE), mask=c_ok & (i < keep))
+    for i0 in range(0, keep, BLOCK_S):  # a long context ((K - 1) * dilation) takes several blocks
+        i = i0 + tl.arange(0, BLOCK_S)[None, :]
+        v = _window(x_ptr + b * sxb, state_ptr + b * ssb, c, c_ok, state_len + length - keep + i, sxc, sxl, ssc,
+                    ssl, state_len, length, a, inv, HAS_STATE, SNAKE, DTYPE)
+        tl.store(out_ptr + b * sob + c * soc + i.to(tl.int64) * sol, v.to(DTYPE), mask=c_ok & (i < keep))
 
 
 # -------------------------------------------------------------------------------------------------------- launchers
@@ -351,40 +360,59 @@ def _conv_config(c_in: int, c_out: int, length: int, grouped: bool) -> tuple[int
     return block_co, block_l, 32, 4
 
 
+_CONFIG_KEYS = ("BLOCK_CO", "BLOCK_L", "BLOCK_CI", "num_warps", "BLOCK_C", "BLOCK_S")
+
+
+def _config_ints(config: dict | None) -> list[int] | None:
+    """A launcher's ``config`` as the custom ops take it: ints in _CONFIG_KEYS order, 0 where the default stays."""
+    if config is None:
+        return None
+    if set(config) - set(_CONFIG_KEYS):
+        raise ValueError(f"config: unknown keys {sorted(set(config) - set(_CONFIG_KEYS))}, expected {_CONFIG_KEYS}")
+    return [int(config.get(key, 0)) for key in _CONFIG_KEYS]
+
+
+def _override(default: tuple[int, ...], config: list[int] | None) -> tuple[int, ...]:
+    return default if config is None else tuple(c or d for c, d in zip(config, default))
+
+
 def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like if t is None else t
 
 
-def _window_tail(x, state, snake, state_len, out) -> None:
+def _window_tail(x, state, snake, state_len, out, config) -> None:
     """Fill out (B, C, keep) with the last keep samples of cat(state, act(x)), state of length state_len."""
     B, C, L = x.shape
     keep = out.shape[-1]
     if keep == 0 or B == 0 or C == 0:
         return
-    block_c = _pow2(C, 1, 1024 if INTERPRET else 64)
+    block_c, block_s = config[4:] if config is not None else (0, 0)
+    block_c = block_c or _pow2(C, 1, 1024 if INTERPRET else 64)
+    # at most 8K samples a block (2^20 in the interpreter, where large tiles are cheap); longer states loop
+    block_s = block_s or _pow2(keep, 1, max(1, (1 << 20 if INTERPRET else 1 << 13) // block_c))
     alpha, beta = snake if snake is not None else (x, x)
-    _window_tail_kernel[(B, triton.cdiv(C, block_c))](
+    _window_tail_kernel[(B, triton.cdiv(C, block_c))](   # channel blocks < 65535 on axis 1: C < 4M on a GPU
         x, _dummy(state, x), alpha, beta, out, C, L, state_len, keep, *x.stride(),
         *(state.stride() if state is not None else (0, 0, 0)), *out.stride(),
-        HAS_STATE=state is not None, SNAKE=snake is not None, BLOCK_C=block_c, BLOCK_S=_pow2(keep, 1, 1 << 16))
+        HAS_STATE=state is not None, SNAKE=snake is not None, BLOCK_C=block_c, BLOCK_S=block_s)
 
 
 @torch.library.custom_op("omni::causal_conv1d_triton", mutates_args=("y", "new_state"))
 def _causal_conv1d_triton_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, groups: int,
     state: torch.Tensor | None, alpha: torch.Tensor | None, beta: torch.Tensor | None,
-    y: torch.Tensor, new_state: torch.Tensor,
+    y: torch.Tensor, new_state: torch.Tensor, config: list[int] | None = None,
 ) -> None:
     B, C_in, L = x.shape
     C_out, ci_per_group, K = weight.shape
     context = (K - 1) * dilation
     snake = None if alpha is None else (alpha, beta)
-    _window_tail(x, state, snake, context, new_state)
+    _window_tail(x, state, snake, context, new_state, config)
     if L == 0 or B == 0 or C_out == 0:
         return
     grouped = groups > 1
-    block_co, block_l, block_ci, num_warps = _conv_config(C_in, C_out, L, grouped)
-    grid = (B, triton.cdiv(C_out, block_co), triton.cdiv(L, block_l))
+    block_co, block_l, block_ci, num_warps = _override(_conv_config(C_in, C_out, L, grouped), config)
+    grid = (B * triton.cdiv(C_out, block_co) * triton.cdiv(L, block_l),)
     _causal_conv1d_kernel[grid](
         x, _dummy(state, x), _dummy(alpha, x), _dummy(beta, x), weight, _dummy(bias, weight), y,
         C_in, C_out, L, dilation, context, ci_per_group, C_out // groups,
@@ -395,7 +423,7 @@ def _causal_conv1d_triton_op(
 
 
 @_causal_conv1d_triton_op.register_fake
-def _(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state):
+def _(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state, config=None):
     return None
 
 
@@ -403,17 +431,18 @@ def _(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state):
 def _causal_conv_transpose1d_triton_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, state: torch.Tensor | None,
     alpha: torch.Tensor | None, beta: torch.Tensor | None, y: torch.Tensor, new_state: torch.Tensor,
+    config: list[int] | None = None,
 ) -> None:
     B, C_in, L = x.shape
     C_out, K = weight.shape[1], weight.shape[2]
     state_len = 0 if state is None else state.shape[-1]
     snake = None if alpha is None else (alpha, beta)
-    _window_tail(x, state, snake, state_len, new_state)
+    _window_tail(x, state, snake, state_len, new_state, config)
     n_out = y.shape[-1] // stride
     if n_out == 0 or B == 0 or C_out == 0:
         return
-    block_co, block_q, block_ci, num_warps = _conv_config(C_in, C_out, n_out, grouped=False)
-    grid = (B, triton.cdiv(C_out, block_co), triton.cdiv(n_out, block_q) * stride)
+    block_co, block_q, block_ci, num_warps = _override(_conv_config(C_in, C_out, n_out, grouped=False), config)
+    grid = (B * triton.cdiv(C_out, block_co) * triton.cdiv(n_out, block_q) * stride,)
     _causal_conv_transpose1d_kernel[grid](
         x, _dummy(state, x), _dummy(alpha, x), _dummy(beta, x), weight, _dummy(bias, weight), y,
         C_in, C_out, L, state_len, n_out, stride,
@@ -424,7 +453,7 @@ def _causal_conv_transpose1d_triton_op(
 
 
 @_causal_conv_transpose1d_triton_op.register_fake
-def _(x, weight, bias, stride, state, alpha, beta, y, new_state):
+def _(x, weight, bias, stride, state, alpha, beta, y, new_state, config=None):
     return None
 
 
@@ -434,8 +463,10 @@ def triton_supports(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
                                              for t in tensors if t is not None)
 
 
-def causal_conv1d_triton(x, weight, bias, dilation=1, groups=1, state=None, snake=None):
-    """Triton launcher; see :func:`causal_conv1d_ref` (same arguments, same results). Any strides."""
+def causal_conv1d_triton(x, weight, bias, dilation=1, groups=1, state=None, snake=None, *, config=None):
+    """Triton launcher; see :func:`causal_conv1d_ref` (same arguments, same results). Any strides. ``config``
+    overrides any of the launch config's powers of two: BLOCK_CO, BLOCK_L, BLOCK_CI (each >= 16 on a GPU, tl.dot's
+    least), num_warps, and the new-state copy's BLOCK_C, BLOCK_S."""
     alpha, beta = snake if snake is not None else (None, None)
     if not triton_supports(x, weight, bias, state, alpha, beta):
         raise ValueError(f"causal_conv1d (triton): x, weight, bias, state and snake must share one dtype "
@@ -444,12 +475,14 @@ def causal_conv1d_triton(x, weight, bias, dilation=1, groups=1, state=None, snak
     context = (weight.shape[-1] - 1) * dilation
     y = torch.empty(B, weight.shape[0], L, dtype=x.dtype, device=x.device)
     new_state = torch.empty(B, x.shape[1], context, dtype=x.dtype, device=x.device)
-    _causal_conv1d_triton_op(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state)
+    _causal_conv1d_triton_op(x, weight, bias, dilation, groups, state, alpha, beta, y, new_state,
+                             _config_ints(config))
     return y, new_state
 
 
-def causal_conv_transpose1d_triton(x, weight, bias, stride, state=None, snake=None):
-    """Triton launcher; see :func:`causal_conv_transpose1d_ref` (same arguments, same results). Any strides."""
+def causal_conv_transpose1d_triton(x, weight, bias, stride, state=None, snake=None, *, config=None):
+    """Triton launcher; see :func:`causal_conv_transpose1d_ref` (same arguments, same results). Any strides.
+    ``config``: as for :func:`causal_conv1d_triton`, BLOCK_L counting input frames per phase."""
     alpha, beta = snake if snake is not None else (None, None)
     if not triton_supports(x, weight, bias, state, alpha, beta):
         raise ValueError(f"causal_conv_transpose1d (triton): x, weight, bias, state and snake must share one dtype "
@@ -459,7 +492,8 @@ def causal_conv_transpose1d_triton(x, weight, bias, stride, state=None, snake=No
     window = L + (0 if state is None else state.shape[-1])
     y = torch.empty(B, weight.shape[1], max(window - lookahead, 0) * stride, dtype=x.dtype, device=x.device)
     new_state = torch.empty(B, x.shape[1], min(lookahead, window), dtype=x.dtype, device=x.device)
-    _causal_conv_transpose1d_triton_op(x, weight, bias, stride, state, alpha, beta, y, new_state)
+    _causal_conv_transpose1d_triton_op(x, weight, bias, stride, state, alpha, beta, y, new_state,
+                                       _config_ints(config))
     return y, new_state
 
 

@@ -187,6 +187,68 @@ def test_causal_conv_transpose1d_streams(fused):
     check(offline, causal_conv_transpose1d_ref(x, weight, bias, 5, snake=snake)[0], 2e-5, 1e-5)
 
 
+# --- several tiles in every axis --------------------------------------------------------------------------------------
+# The default interpreter configs make each case above one program: one C_out block, one length block, one pass of
+# the input-channel loop. Blocks of 16 (tl.dot's least) split 20 channels and 20 samples into a full block and a
+# tail on every axis; fp32 runs two batch rows for the batch's place in the folded grid (bf16 one: ~40 ms of
+# interpreter a program). The new state is copied 16 channels x 4 samples a block, so its 6 samples take two passes.
+SMALL_TILES = {"BLOCK_CO": 16, "BLOCK_L": 16, "BLOCK_CI": 16, "BLOCK_C": 16, "BLOCK_S": 4}
+TILED = [(torch.float32, 2e-5, 1e-5, 2), (torch.bfloat16, BF16_TOL, BF16_TOL, 1)]   # dtype, atol, rtol, batch
+
+
+@pytest.mark.parametrize("dtype, atol, rtol, batch", TILED)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "snake"])
+@pytest.mark.parametrize("groups, kernel, dilation", [(1, 3, 3), (20, 7, 1)], ids=["dense", "depthwise"])
+def test_causal_conv1d_small_tiles(dtype, atol, rtol, batch, fused, groups, kernel, dilation):
+    g = torch.Generator().manual_seed(8)
+    x = rand(batch, 20, 20, dtype=dtype, g=g, sliced=True)
+    weight = rand(20, 20 // groups, kernel, dtype=dtype, g=g, scale=(20 // groups * kernel) ** -0.5)
+    bias = rand(20, dtype=dtype, g=g, scale=0.1)
+    state = rand(batch, 20, (kernel - 1) * dilation, dtype=dtype, g=g)
+    snake = snake_params(20, dtype, g) if fused else None
+    y, new_state = causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake=snake, config=SMALL_TILES)
+    y_ref, state_ref = causal_conv1d_ref(x, weight, bias, dilation, groups, state, snake=snake)
+    check(y, y_ref, snake_atol(dtype, snake, atol), rtol)
+    check(new_state, state_ref, atol, rtol)
+
+
+def test_causal_conv1d_small_tiles_grouped():
+    # groups of 2 inputs and 2 outputs: a C_out block spans 8 groups, the tail block 2
+    g = torch.Generator().manual_seed(8)
+    x, weight, state = rand(2, 20, 20, g=g), rand(20, 2, 3, g=g, scale=6 ** -0.5), rand(2, 20, 6, g=g)
+    y, new_state = causal_conv1d_triton(x, weight, None, 3, 10, state, config=SMALL_TILES)
+    y_ref, state_ref = causal_conv1d_ref(x, weight, None, 3, 10, state)
+    check(y, y_ref, 2e-5, 1e-5)
+    check(new_state, state_ref, 0, 0)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol, batch", TILED)
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "snake"])
+def test_causal_conv_transpose1d_small_tiles(dtype, atol, rtol, batch, fused):
+    g = torch.Generator().manual_seed(9)
+    x = rand(batch, 20, 20, dtype=dtype, g=g, sliced=True)
+    weight = rand(20, 20, 4, dtype=dtype, g=g, scale=20 ** -0.5)                      # stride 2, m = 2
+    bias, state = rand(20, dtype=dtype, g=g, scale=0.1), rand(batch, 20, 1, dtype=dtype, g=g)
+    snake = snake_params(20, dtype, g) if fused else None
+    y, new_state = causal_conv_transpose1d_triton(x, weight, bias, 2, state, snake=snake, config=SMALL_TILES)
+    y_ref, state_ref = causal_conv_transpose1d_ref(x, weight, bias, 2, state, snake=snake)
+    check(y, y_ref, snake_atol(dtype, snake, atol), rtol)
+    check(new_state, state_ref, atol, rtol)
+
+
+def test_causal_conv1d_long_context():
+    # a context past 2^16 samples, where the new-state copy used to stop (one block of at most 2^16); on a GPU the
+    # copy loops over it in blocks, here one block holds it (the SMALL_TILES cases loop)
+    g = torch.Generator().manual_seed(10)
+    x, weight, state = rand(1, 2, 5, g=g), rand(2, 2, 3, g=g), rand(1, 2, 80_000, g=g)
+    y, new_state = causal_conv1d_triton(x, weight, None, 40_000, 1, state)
+    y_ref, state_ref = causal_conv1d_ref(x, weight, None, 40_000, 1, state)
+    check(y, y_ref, 2e-5, 1e-5)
+    assert torch.equal(new_state, state_ref)
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        causal_conv1d_triton(x, weight, None, 40_000, 1, state, config={"BLOCK_M": 16})
+
+
 def test_fused_snake_keeps_the_reference_signature():
     # positional calls without ``snake`` are unchanged; the fused form equals snake_beta then the conv
     g = torch.Generator().manual_seed(6)
