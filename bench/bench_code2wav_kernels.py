@@ -64,11 +64,11 @@ def main() -> None:
     from omni_kernels.rvq_lookup import rvq_embed_mean_ref, rvq_embed_mean_triton
 
     import omni_kernels as ok
-    from omni_kernels._extension import has_op
+    from omni_kernels._extension import has_cuda_op
 
     def cuda_impl(op, fn, *args):
         """The CUDA extension's kernel for ``op`` (forced: opt-in ones too), or None without it."""
-        if not has_op(op):
+        if not has_cuda_op(op):
             return None
 
         def run(s=None):

@@ -46,8 +46,9 @@ void rvq_embed_mean(at::Tensor const& codes, at::Tensor const& table, int64_t co
               table.scalar_type(), ", got ", out.scalar_type());
   TORCH_CHECK(out.dim() == 3 && out.size(0) == B && out.size(1) == T && out.size(2) == H,
               "omni::rvq_embed_mean: out must be (", B, ", ", T, ", ", H, "), got shape ", out.sizes());
-  TORCH_CHECK(B * T <= INT32_MAX && H <= 8 * 1024 * 1024,
-              "omni::rvq_embed_mean: B * T must be <= 2^31 - 1 and H <= 2^23, got B * T = ", B * T, ", H = ", H);
+  TORCH_CHECK(B * T <= INT32_MAX && H <= omni::kRvqMaxHidden,
+              "omni::rvq_embed_mean: B * T must be <= 2^31 - 1 and H <= ", omni::kRvqMaxHidden,
+              " (65535 blocks of 128 columns), got B * T = ", B * T, ", H = ", H);
   if (out.numel() == 0) return;
 
   c10::cuda::CUDAGuard const guard(codes.device());

@@ -22,21 +22,31 @@ def extension_loaded() -> bool:
 
 
 @functools.cache
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """The extension has a kernel for ``omni::name`` under ``dispatch_key`` ("CPU", "CUDA"). bindings.cpp defines
+    every schema in every build (only the CUDA impls sit behind OMNI_WITH_CUDA), so the schema alone says nothing:
+    a CPU-only build has ``torch.ops.omni.rms_norm`` but no CUDA kernel behind it."""
+    return (extension_loaded() and hasattr(torch.ops.omni, name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"omni::{name}", dispatch_key))
+
+
 def has_op(name: str) -> bool:
-    """The extension registered ``name`` (with kernels for the devices its build covers)."""
-    return extension_loaded() and hasattr(torch.ops.omni, name)
+    """The extension has a C++ CPU kernel (a CPU twin) for ``name``."""
+    return has_kernel(name, "CPU")
 
 
-has_cuda_op = has_op
+def has_cuda_op(name: str) -> bool:
+    """The extension was built with CUDA and has a CUDA kernel for ``name``."""
+    return has_kernel(name, "CUDA")
 
 
 def cuda_runs(name: str):
-    """Device predicate for a backend entry: the op exists in the extension and the tensor lives on a GPU."""
+    """Device predicate for a backend entry: a CUDA kernel for the op exists and the tensor lives on a GPU."""
     return lambda device: device.type == "cuda" and has_cuda_op(name)
 
 
 def cpu_runs(name: str):
-    """Device predicate for a C++ CPU twin: the op exists in the extension and the tensor lives on the CPU."""
+    """Device predicate for a C++ CPU twin: a CPU kernel for the op exists and the tensor lives on the CPU."""
     return lambda device: device.type == "cpu" and has_op(name)
 
 

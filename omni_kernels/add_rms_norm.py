@@ -48,6 +48,7 @@ def add_rms_norm_triton(x, residual, weight, eps):
     x2, r2 = x.reshape(-1, hidden), residual.reshape(-1, hidden)
     if x2.stride(-1) != 1 or r2.stride(-1) != 1:
         x2, r2 = x2.contiguous(), r2.contiguous()
+    weight = weight.contiguous()  # the kernel reads it at unit stride; (H,) elements, no copy when contiguous
     total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     out = torch.empty_like(total)
     rows = x2.shape[0]

@@ -112,6 +112,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def _online_softmax_step(qt, k_tile_ptr, v_tile_ptr, cols, lo, hi, d, d_ok, n_keys, m_i, l_i, acc, qk_scale,
                          skn, skd, svn, svd, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # One key tile: scores [M, N] in log2 units, rows see keys [lo, hi); m starts finite so masked rows stay NaN-free.
+    # Keys at or past n_keys are not loaded: p = 0 there, but 0 * NaN = NaN, so stale cache slots must read as 0.
     col_ok = cols < n_keys
     kt = tl.load(k_tile_ptr + cols[None, :] * skn + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None],
                  other=0.0)                                                                   # [D, N]
@@ -225,7 +226,8 @@ def _decode_split_kernel(
     v_head = v_ptr + b * svb + hk * svh
     for start in range(tile_lo, tile_hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _online_softmax_step(qt, k_head, v_head, cols, lo, hi, d, d_ok, cache_len, m_i, l_i,
+        # loads bounded by tile_hi <= seq_len (not cache_len): slots past the row's length are never read
+        m_i, l_i, acc = _online_softmax_step(qt, k_head, v_head, cols, lo, hi, d, d_ok, tile_hi, m_i, l_i,
                                              acc, qk_scale, skn, skd, svn, svd, UPCAST, PRECISION)
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -449,9 +451,13 @@ def _decode_attention_triton_or_ref(q, k_cache, v_cache, seq_lens, scale, window
 _CUDA_DECODE_MAX_ROWS = 32   # omni::decode_attention limits: groups x Tq rows per CTA, 16-byte K/V rows
 
 
-def _cuda_decode_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+def _cuda_decode_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          seq_lens: torch.Tensor) -> bool:
+    # csrc/decode_attention.cu's checks: 16-byte K/V chunks, <= 32 rows, int32/int64 contiguous lengths on q's device
     vec = 16 // q.element_size()
     return (_triton_supports(q, k_cache, v_cache) and q.shape[-1] % vec == 0
+            and seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.device == q.device
+            and (seq_lens.stride(0) == 1 or seq_lens.shape[0] == 1)
             and (q.shape[1] // k_cache.shape[1]) * q.shape[2] <= _CUDA_DECODE_MAX_ROWS
             and all(c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and all(s % vec == 0 for s in c.stride()[:-1])
                     for c in (k_cache, v_cache)))
@@ -466,7 +472,7 @@ def _cuda_decode_splits(batch_heads: int, cache_len: int, device: torch.device) 
 @REGISTRY.register("decode_attention", "cuda", cuda_runs("decode_attention"))
 def _decode_attention_cuda(q, k_cache, v_cache, seq_lens, scale, window):
     # Cases outside the kernel's limits go to the Triton kernel (or the reference).
-    if not _cuda_decode_supports(q, k_cache, v_cache):
+    if not _cuda_decode_supports(q, k_cache, v_cache, seq_lens):
         if triton_runs(q.device):
             return _decode_attention_triton_or_ref(q, k_cache, v_cache, seq_lens, scale, window)
         return decode_attention_ref(q, k_cache, v_cache, seq_lens, scale, window)
@@ -490,8 +496,13 @@ def _check_window(window: int | None, causal: bool) -> None:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = True,
               window: int | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`attention_ref`."""
-    if q.shape[1] % k.shape[1] or q.shape[2] > k.shape[2] or q.shape[-1] != k.shape[-1]:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"attention: q and k must be (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}")
+    if (k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1] or q.shape[2] > k.shape[2]
+            or q.shape[-1] != k.shape[-1]):
         raise ValueError(f"attention: query {tuple(q.shape)} does not fit keys {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"attention: values {tuple(v.shape)} must have the keys' shape {tuple(k.shape)}")
     _check_window(window, causal)
     if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point()
                                    or q.shape[2] != k.shape[2]):

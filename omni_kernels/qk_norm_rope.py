@@ -200,6 +200,8 @@ def qk_norm_rope_triton(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_
     B, T, Hq, D = q.shape
     out = torch.empty(B, Hq, T, D, dtype=q.dtype, device=q.device)
     cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # tables shared by the batch get a 0 stride
+    if q_norm_weight is not None:  # the kernel reads weights at unit stride; (D,) elements, no copy when contiguous
+        q_norm_weight, k_norm_weight = q_norm_weight.contiguous(), k_norm_weight.contiguous()
     _qk_norm_rope_triton_op(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache,
                             cache_positions, out)
     return out
@@ -243,12 +245,31 @@ def _qk_norm_rope_cuda(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_c
 
 
 def qk_norm_rope(q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions):
-    """See :func:`qk_norm_rope_ref`."""
-    if k_cache.shape[1] != k.shape[2] or k_cache.shape[3] != k.shape[3]:
-        raise ValueError(f"qk_norm_rope: cache {tuple(k_cache.shape)} does not fit keys {tuple(k.shape)}")
-    B, T = q.shape[:2]
-    if tuple(cache_positions.shape) not in ((T,), (B, T)):
-        raise ValueError(f"qk_norm_rope: cache_positions must be ({T},) or ({B}, {T}), got "
-                         f"{tuple(cache_positions.shape)}")
+    """See :func:`qk_norm_rope_ref`. Shapes are checked here (the kernels index through them unchecked); slots are
+    not range-checked (that needs a device sync): callers keep them in [0, S)."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"qk_norm_rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, T, Hq, D) and "
+                         f"(B, T, Hkv, D)")
+    if v.shape != k.shape:
+        raise ValueError(f"qk_norm_rope: v {tuple(v.shape)} must have the keys' shape {tuple(k.shape)}")
+    B, T, _, D = q.shape
+    if k_cache.dim() != 4 or (k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]) != (B, k.shape[2], D):
+        raise ValueError(f"qk_norm_rope: cache {tuple(k_cache.shape)} does not fit keys {tuple(k.shape)}: needs "
+                         f"({B}, {k.shape[2]}, S, {D})")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"qk_norm_rope: v_cache {tuple(v_cache.shape)} must have k_cache's shape "
+                         f"{tuple(k_cache.shape)}")
+    if (q_norm_weight is None) != (k_norm_weight is None) or any(
+            w is not None and w.shape != (D,) for w in (q_norm_weight, k_norm_weight)):
+        raise ValueError(f"qk_norm_rope: norm weights must both be ({D},) or both None, got "
+                         f"{None if q_norm_weight is None else tuple(q_norm_weight.shape)}, "
+                         f"{None if k_norm_weight is None else tuple(k_norm_weight.shape)}")
+    if any(t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (T, D) for t in (cos, sin)):
+        raise ValueError(f"qk_norm_rope: cos/sin must be ({B} or 1, {T}, {D}), got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
+    if tuple(cache_positions.shape) not in ((T,), (B, T)) or cache_positions.dtype.is_floating_point \
+            or cache_positions.dtype.is_complex or cache_positions.dtype == torch.bool:
+        raise ValueError(f"qk_norm_rope: cache_positions must be ({T},) or ({B}, {T}) integers, got "
+                         f"{cache_positions.dtype} {tuple(cache_positions.shape)}")
     return REGISTRY.select("qk_norm_rope", q.device).fn(
         q, k, v, q_norm_weight, k_norm_weight, eps, cos, sin, k_cache, v_cache, cache_positions)

@@ -39,6 +39,19 @@ def test_triton_matches_reference(dtype, rows, hidden, strided):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_strided_weight(dtype):
+    # a weight that is a view (every other element of a buffer) must be read through its stride, not at stride 1
+    x, r = (torch.randn(5, 48).to(DEVICE, dtype) for _ in range(2))
+    buf = (1 + 0.3 * torch.randn(96)).to(DEVICE, dtype)
+    w = buf[::2]
+    _, normed = add_rms_norm_triton(x, r, w, 1e-6)
+    _, ref = ok.add_rms_norm_ref(x, r, w.contiguous(), 1e-6)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(normed, ref, atol=atol, rtol=rtol)
+
+
+@needs_triton
 def test_triton_keeps_leading_dims_and_dispatches():
     x, r, w = torch.randn(2, 3, 40).to(DEVICE), torch.randn(2, 3, 40).to(DEVICE), torch.rand(40).to(DEVICE)
     with ok.use_backend("triton", op="add_rms_norm"):

@@ -104,6 +104,22 @@ def test_qk_norm_rope_without_norm_batch_shared_tables_and_mixed_dtypes():
     assert torch.equal(out, ok.qk_norm_rope_ref(q, k, v, None, None, 1e-6, cos_b, sin_b, *caches[1], slots))
 
 
+def test_qk_norm_rope_strided_norm_weights():
+    # weights that are views (every other element of one buffer) are read through their stride, not at stride 1
+    B, T, Hq, Hkv, D = 1, 3, 4, 2, 64
+    slots = torch.arange(T, device=DEVICE)
+    q, k, v = fused_qkv(B, T, Hq, Hkv, D, torch.float32)
+    buf = 1 + 0.2 * torch.randn(2, 2 * D, device=DEVICE)
+    qw, kw = buf[0, ::2], buf[1, ::2]
+    cos, sin = mrope_tables(B, slots, D, torch.float32)
+    caches = [kv_cache(B, Hkv, 8, D, torch.float32) for _ in range(2)]
+    with ok.use_backend("triton", op="qk_norm_rope"):
+        out = ok.qk_norm_rope(q, k, v, qw, kw, 1e-6, cos, sin, *caches[0], slots)
+    ref = ok.qk_norm_rope_ref(q, k, v, qw.contiguous(), kw.contiguous(), 1e-6, cos, sin, *caches[1], slots)
+    assert_ulps(out, ref, QK_ULPS[torch.float32])
+    assert_ulps(caches[0][0], caches[1][0], QK_ULPS[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("B, T, rows", [(3, 1, [[9], [0], [31]]), (2, 3, [[4, 5, 6], [20, 21, 22]])],
                          ids=["decode", "three-tokens"])
@@ -179,6 +195,16 @@ def test_sliding_window_attention(Tq, Tk, window, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("B, H, T, D", [(3, 4, 37, 72), (2, 2, 1, 64), (1, 2, 129, 64)],
+                         ids=["frames3-hd72", "one-token", "T129"])
+def test_bidirectional_attention_without_segments(B, H, T, D, dtype):
+    # the audio encoder's windows and the vision encoder's frames as a batch: causal=False, no cu_seqlens; short
+    # non-causal calls must not take the (causal) decode kernel
+    q, k, v = (t.transpose(1, 2) for t in fused_qkv(B, T, H, H, D, dtype))
+    check_attention(q, k, v, causal=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_block_diagonal_attention(causal, dtype):
     B, Hq, Hkv, D, T = 1, 4, 4, 64, 50
@@ -214,11 +240,14 @@ def test_window_reference_is_banded_softmax():
 def test_decode_attention_with_per_row_lengths(Tq, Hq, Hkv, D, num_splits, window, dtype):
     B, S = 3, 300
     q = torch.randn(B, Hq, Tq, D, device=DEVICE).to(dtype)
-    k_cache, v_cache = kv_cache(B, Hkv, S, D, dtype)
+    k_cache, v_cache = kv_cache(B, Hkv, S, D, dtype, fill=float("nan"))     # NaN past S too
     k_cache.normal_(), v_cache.normal_()
     seq_lens = torch.tensor([Tq + 1, S, 130], device=DEVICE, dtype=torch.int32)
+    for b, n in enumerate(seq_lens.tolist()):       # slots past each row's length hold NaN that must never be read
+        k_cache[b, :, n:], v_cache[b, :, n:] = float("nan"), float("nan")
     out = decode_attention_triton(q, k_cache, v_cache, seq_lens, D**-0.5, window, num_splits)
-    ref = decode_attention_ref(q.float(), k_cache.float(), v_cache.float(), seq_lens, D**-0.5, window)
+    ref = decode_attention_ref(q.float(), k_cache.float().nan_to_num(), v_cache.float().nan_to_num(), seq_lens,
+                               D**-0.5, window)
     atol, rtol = ATTN_TOL[dtype]
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
     # the reference equals attention over each row's valid slice
@@ -241,6 +270,18 @@ def test_decode_entry_point_dispatch_and_attention_routing():
         decode_attention(q, k_cache, v_cache, seq_lens[:1], 0.125)
 
 
+def test_cuda_decode_predicate_checks_seq_lens_like_the_launcher():
+    # csrc/decode_attention.cu takes int32/int64 contiguous lengths on q's device; anything else must go to Triton
+    from omni_kernels.attention import _cuda_decode_supports
+    q = torch.randn(2, 4, 1, 64)
+    k_cache, v_cache = torch.randn(2, 2, 32, 64), torch.randn(2, 2, 32, 64)
+    for lens in (torch.tensor([3, 9], dtype=torch.int32), torch.tensor([3, 9])):
+        assert _cuda_decode_supports(q, k_cache, v_cache, lens)
+    for lens in (torch.tensor([3, 9], dtype=torch.int16), torch.tensor([3, 0, 9, 0], dtype=torch.int32)[::2],
+                 torch.tensor([3.0, 9.0])):
+        assert not _cuda_decode_supports(q, k_cache, v_cache, lens)
+
+
 # ----------------------------------------------------------------------------------------- errors, dispatch, compile
 def test_bad_arguments_and_unsupported_cases():
     q = torch.randn(1, 2, 8, 16)
@@ -248,11 +289,22 @@ def test_bad_arguments_and_unsupported_cases():
         ok.attention(q, q, q, 1.0, causal=False, window=4)
     with pytest.raises(ValueError, match="cu_seqlens"):
         ok.attention(q[:, :, :4], q, q, 1.0, cu_seqlens=torch.tensor([0, 8]))
+    # shapes the kernels would index out of bounds: keys of another batch, values unlike the keys, not 4-D
+    with pytest.raises(ValueError, match="does not fit keys"):
+        ok.attention(q, q[:, :1].expand(2, 1, 8, 16), q[:, :1].expand(2, 1, 8, 16), 1.0)
+    for bad_v in (q[:, :, :4], q[..., :8], q[:, :1]):
+        with pytest.raises(ValueError, match="values"):
+            ok.attention(q, q, bad_v, 1.0)
+    with pytest.raises(ValueError, match=r"\(B, H, T, D\)"):
+        ok.attention(q[0], q[0], q[0], 1.0)
     big = torch.randn(1, 1, 2, 512, device=DEVICE)                  # head_dim over the kernels' 256
     with pytest.raises(ValueError, match="head_dim"):
         attention_triton(big, big, big, 1.0)
     with ok.use_backend("triton", op="attention"):                    # the dispatched op falls back
-        torch.testing.assert_close(ok.attention(big, big, big, 1.0), attention_ref(big, big, big, 1.0))
+        out = ok.attention(big, big, big, 0.05)
+    b64, causal = big.double(), torch.ones(2, 2, dtype=torch.bool, device=DEVICE).tril()
+    expected = (b64 @ b64.transpose(-1, -2) * 0.05).masked_fill(~causal, float("-inf")).softmax(-1) @ b64
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)     # causal softmax(q k^T s) v, fp64
 
 
 @pytest.mark.gpu

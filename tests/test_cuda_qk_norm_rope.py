@@ -89,14 +89,13 @@ def test_qk_norm_rope_cuda_matches_reference(B, T, Hq, Hkv, D, slots, pad, norm,
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 def test_qk_norm_rope_cuda_per_sequence_slots(dtype, slot_dtype):
-    # (B, T) slots: each sequence of a batched decode writes its own cache position
+    # (B, T) slots: each sequence of a batched decode writes its own cache position, int32 slots as given
     B, T, Hq, Hkv, D, S = 3, 2, 4, 2, 128, 40
     slots = torch.tensor([[4, 5], [0, 1], [30, 31]], device="cuda", dtype=slot_dtype)
     q, k, v = fused_qkv(B, T, Hq, Hkv, D, dtype)
     qw, kw = (1 + 0.2 * torch.randn(2, D, device="cuda")).to(dtype)
     cos, sin = mrope_tables(B, torch.arange(T), D, dtype)
-    out, ref, (k_cache, v_cache), (k_ref, v_ref) = run_both(q, k, v, qw, kw, cos, sin, slots.long(), B, Hkv, S, D,
-                                                            dtype)
+    out, ref, (k_cache, v_cache), (k_ref, v_ref) = run_both(q, k, v, qw, kw, cos, sin, slots, B, Hkv, S, D, dtype)
     assert_ulps(out, ref, ULPS[dtype])
     assert_ulps(k_cache, k_ref, ULPS[dtype])
     assert torch.equal(v_cache, v_ref)

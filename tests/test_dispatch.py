@@ -70,6 +70,28 @@ def test_fused_moe_cuda_is_opt_in():
     kernel = ok.dispatch.REGISTRY._kernels["fused_moe"]["cuda"]
     assert kernel.opt_in and not ok.dispatch.REGISTRY._kernels["fused_moe"]["triton"].opt_in
 
+def test_cuda_backend_needs_a_cuda_kernel_not_just_the_schema():
+    # bindings.cpp defines every omni:: schema in every build; only a CUDA build registers CUDA kernels behind them,
+    # and a GPU must never be sent to a schema without one
+    from omni_kernels._extension import extension_loaded, has_cuda_op, has_op
+    if not extension_loaded():
+        pytest.skip("extension not built")
+    registry = ok.dispatch.REGISTRY
+    cuda_ops = [op for op in registry.ops() if "cuda" in registry.backends(op)]
+    assert "rms_norm" in cuda_ops and hasattr(torch.ops.omni, "rms_norm")
+    for op in cuda_ops:
+        kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"omni::{op}", "CUDA")
+        assert has_cuda_op(op) == kernel, op
+        if not kernel:
+            assert ok.selected_backend(op, "cuda") != "cuda", op
+            with ok.use_backend("cuda", op=op):                 # forcing it cannot pick a missing kernel either
+                assert ok.selected_backend(op, "cuda") != "cuda", op
+    assert has_op("decoder_step") and not has_cuda_op("decoder_step")     # a CPU twin only
+    if torch.version.cuda is None:  # a CPU-only torch builds a CPU-only extension: no CUDA kernel at all
+        assert not any(has_cuda_op(op) for op in cuda_ops)
+        assert ok.selected_backend("rms_norm", "cuda") == "torch"
+
+
 def test_unknown_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown kernel backend"):
         ok.set_backend("tpu")

@@ -28,8 +28,8 @@ def test_rms_norm_matches_formula(shape, dtype, atol, rtol):
     w = (1 + 0.1 * torch.randn(shape[-1], dtype=torch.float64)).to(dtype)
     x64 = x.double()
     expected = w.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-    torch.testing.assert_close(ok.rms_norm(x, w, 1e-6).double(), expected, atol=atol, rtol=rtol)
-    torch.testing.assert_close(ok.rms_norm(strided(x), w, 1e-6), ok.rms_norm_ref(x, w, 1e-6), atol=0, rtol=0)
+    for given in (x, strided(x)):               # a non-contiguous x is read through its strides
+        torch.testing.assert_close(ok.rms_norm(given, w, 1e-6).double(), expected, atol=atol, rtol=rtol)
 
 
 def test_rms_norm_rounds_before_the_weight_multiply():
@@ -39,6 +39,31 @@ def test_rms_norm_rounds_before_the_weight_multiply():
     x32 = x.float()
     normalised = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
     assert torch.equal(ok.rms_norm_ref(x, w, 1e-6), w * normalised)
+
+
+def test_rms_norm_cuda_backend_falls_back_where_the_kernel_refuses():
+    # csrc/rms_norm.cu rejects these; the backend entry must hand them to the reference (promoted dtype and all)
+    # instead of raising. Its predicate is pure shape/stride/dtype logic, so it runs on CPU tensors here.
+    from omni_kernels.rms_norm import _rms_norm_cuda, cuda_supports
+    x, w = torch.randn(6, 4, 16), torch.randn(16)
+    assert cuda_supports(x, w, None) and cuda_supports(x[:, :1], w, None) and cuda_supports(x[:, ::2], w, None)
+    refused = {
+        "1-D x": (x[0, 0], w),
+        "strided hidden": (torch.randn(6, 4, 32)[..., ::2], w),
+        "unmergeable leading dims": (x.transpose(0, 1), w),
+        "strided weight": (x, torch.randn(32)[::2]),
+        "mixed dtypes": (x.bfloat16(), w),
+        "fp64": (x.double(), w.double()),
+    }
+    for name, (xx, ww) in refused.items():
+        assert not cuda_supports(xx, ww, None), name
+        out = _rms_norm_cuda(xx, ww, 1e-6, None)
+        expected = ok.rms_norm_ref(xx, ww, 1e-6)
+        assert out.dtype == expected.dtype and torch.equal(out, expected), name
+    assert not cuda_supports(x, w, torch.empty(6, 16, 4).transpose(1, 2))      # out rows not one strided dim
+    out = torch.empty(6, 4, 16)
+    assert _rms_norm_cuda(x.bfloat16(), w, 1e-6, out) is out
+    torch.testing.assert_close(out, ok.rms_norm_ref(x.bfloat16(), w, 1e-6), atol=0, rtol=0)
 
 
 def test_rms_norm_out_and_bad_weight():
@@ -125,6 +150,30 @@ def test_qk_norm_rope_rejects_mismatched_cache():
     with pytest.raises(ValueError, match="cache"):
         ok.qk_norm_rope(q, k, k, None, None, 1e-6, cos, sin, torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16),
                         torch.arange(3))
+
+
+@pytest.mark.parametrize("case", ["cache-batch", "v", "v_cache", "head_dim", "k-batch", "weight", "one-weight",
+                                  "cos", "slots-dtype"])
+def test_qk_norm_rope_rejects_shapes_the_kernels_would_overrun(case):
+    # each of these would make a kernel (Triton or CUDA) read or write out of bounds: the entry point names them
+    B, T, Hq, Hkv, D, S = 2, 3, 4, 2, 16, 8
+    args = dict(q=torch.randn(B, T, Hq, D), k=torch.randn(B, T, Hkv, D), v=torch.randn(B, T, Hkv, D),
+                q_norm_weight=torch.ones(D), k_norm_weight=torch.ones(D), eps=1e-6, cos=torch.ones(1, T, D),
+                sin=torch.zeros(1, T, D), k_cache=torch.zeros(B, Hkv, S, D), v_cache=torch.zeros(B, Hkv, S, D),
+                cache_positions=torch.arange(T))
+    bad, match = {
+        "cache-batch": (dict(k_cache=torch.zeros(1, Hkv, S, D), v_cache=torch.zeros(1, Hkv, S, D)), "cache"),
+        "v": (dict(v=torch.randn(B, T, Hkv, D // 2)), "v "),
+        "v_cache": (dict(v_cache=torch.zeros(B, Hkv, S - 1, D)), "v_cache"),
+        "head_dim": (dict(q=torch.randn(B, T, Hq, 2 * D)), "must be"),
+        "k-batch": (dict(k=torch.randn(1, T, Hkv, D), v=torch.randn(1, T, Hkv, D)), "must be"),
+        "weight": (dict(q_norm_weight=torch.ones(D + 1)), "norm weights"),
+        "one-weight": (dict(k_norm_weight=None), "norm weights"),
+        "cos": (dict(cos=torch.ones(T, D)), "cos/sin"),
+        "slots-dtype": (dict(cache_positions=torch.arange(T).float()), "integers"),
+    }[case]
+    with pytest.raises(ValueError, match=match):
+        ok.qk_norm_rope(**{**args, **bad})
 
 
 # ------------------------------------------------------------------------------------------------------- Attention

@@ -77,9 +77,9 @@ __device__ __forceinline__ float Window(CausalConv1dArgs<T> const& p, T const* x
                                         float a, float inv) {
   if (pos < ctx) return sc != nullptr ? ToFloat(sc[pos * p.ssl]) : 0.f;
   float v = ToFloat(xc[(pos - ctx) * p.sxl]);
-  if (kSnake) {
-    float const s = Round<T>(sinf(Round<T>(v * a)));
-    v = Round<T>(v + Round<T>(inv * Round<T>(s * s)));
+  if (kSnake) {  // _rn intrinsics: no FMA contraction in fp32 (v + inv * s^2 rounds twice, like snake_beta_ref)
+    float const s = Round<T>(sinf(Round<T>(__fmul_rn(v, a))));
+    v = Round<T>(__fadd_rn(v, Round<T>(__fmul_rn(inv, Round<T>(__fmul_rn(s, s))))));
   }
   return v;
 }

@@ -27,6 +27,7 @@ namespace rvq_detail {
 
 
 constexpr int kThreads = 128;
+constexpr int kMaxGridY = 65535;  // CUDA's gridDim.y limit: ceil(H / (kThreads * VEC)) blocks along the hidden dim
 
 // grid (B * T, ceil(H / (kThreads * VEC))). Each thread owns VEC adjacent columns of one (b, t) row. Every thread of
 // the block reads the same code per quantizer (one broadcast transaction, L1-resident after the first block), then
@@ -84,7 +85,9 @@ cudaError_t LaunchRvqEmbedMean(Code const* codes, T const* table, T* out, int ba
                                int quantizers, int64_t codebook_size, int64_t scb, int64_t scq, int64_t sct,
                                int64_t tab_row, int64_t tab_h, int64_t out_b, int64_t out_t, int64_t out_h,
                                cudaStream_t stream) {
-  dim3 const grid(static_cast<unsigned>(batch) * frames, (hidden + kThreads * VEC - 1) / (kThreads * VEC));
+  int const blocks_h = (hidden + kThreads * VEC - 1) / (kThreads * VEC);
+  if (blocks_h > kMaxGridY) return cudaErrorInvalidValue;
+  dim3 const grid(static_cast<unsigned>(batch) * frames, blocks_h);
   void* args[] = {&codes, &table, &out, &frames, &hidden, &quantizers, &codebook_size, &scb, &scq,
                   &sct,   &tab_row, &tab_h, &out_b, &out_t, &out_h};
   return cudaLaunchKernel(reinterpret_cast<void const*>(&RvqEmbedMeanKernel<T, Code, VEC>), grid, dim3(kThreads),
@@ -93,8 +96,12 @@ cudaError_t LaunchRvqEmbedMean(Code const* codes, T const* table, T* out, int ba
 
 }  // namespace rvq_detail
 
+// Largest hidden size every path takes: the scalar one (VEC 1) needs ceil(H / kThreads) <= 65535 blocks along y.
+constexpr int64_t kRvqMaxHidden = int64_t{rvq_detail::kMaxGridY} * rvq_detail::kThreads;
+
 // T: float, __half or __nv_bfloat16 (table and out); Code: int32_t or int64_t. Strides in elements, in the order
-// codes (b, q, t), table (row, h), out (b, t, h). Returns cudaErrorInvalidValue for sizes the grid cannot hold.
+// codes (b, q, t), table (row, h), out (b, t, h). Returns cudaErrorInvalidValue for sizes the grid cannot hold
+// (B * T > 2^31 - 1, or H > kRvqMaxHidden on the scalar path, H > kRvqMaxHidden * 16 / sizeof(T) vectorised).
 template <typename T, typename Code>
 cudaError_t RvqEmbedMean(Code const* codes, T const* table, T* out, int64_t batch, int64_t quantizers,
                          int64_t frames, int64_t hidden, int64_t codebook_size, int64_t scb, int64_t scq,
