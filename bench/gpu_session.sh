@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh [STEP...]
 #   (no argument: build gpu_tests e2e_full talker_frame concurrent moe thinker_batch test)
 #   steps: build, gpu_tests (pytest -m gpu: CUDA ops, graphs, bf16 parity), test (the whole suite on the GPU: Triton
-#   kernels on device), kernels (= moe attention code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
+#   kernels on device), kernels (= moe attention norms code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
 #   pacing (the speech engine's prefill pacer with a long prompt), tune
 # The default order fits one call of a 15-minute lease: what only a GPU can show first, headline figures next.
 #   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
@@ -69,9 +69,10 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
     test)
       step test_gpu 360 python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 240 -rfE --tb=short \
         --junitxml="$logs/junit.xml" ${TESTS:-tests} ;;
-    kernels) steps+=(moe attention code2wav) ;;
+    kernels) steps+=(moe attention norms code2wav) ;;
     moe) step bench_fused_moe 240 python3 bench/bench_fused_moe.py ;;
     attention) step bench_attention 150 python3 bench/bench_attention.py ;;
+    norms) step bench_norms 90 python3 bench/bench_norms.py ;;
     code2wav) step bench_code2wav 240 python3 bench/bench_code2wav_kernels.py ;;
     e2e) steps+=(e2e_small e2e_full talker_frame thinker_decode) ;;
     e2e_small) step e2e_small 180 python3 bench/e2e_latency.py --device cuda --dtype bfloat16 ;;

@@ -58,7 +58,7 @@ def test_triton_keeps_leading_dims_and_dispatches():
         total, normed = ok.add_rms_norm(x, r, w, 1e-6)
     assert total.shape == normed.shape == (2, 3, 40)
     torch.testing.assert_close(normed, ok.rms_norm_ref(x + r, w, 1e-6), atol=1e-5, rtol=1e-5)
-    assert ok.selected_backend("add_rms_norm", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert ok.selected_backend("add_rms_norm", DEVICE) == "torch"   # opt-in until measured on a GPU
 
 
 def test_rejects_mismatched_shapes():

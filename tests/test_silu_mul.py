@@ -38,7 +38,7 @@ def test_triton_keeps_leading_dims_and_dispatches():
         out = ok.silu_mul(x)
     torch.testing.assert_close(out, F.silu(x[..., :33]) * x[..., 33:], atol=1e-6, rtol=1e-6)
     assert out.shape == (2, 3, 33)
-    assert ok.selected_backend("silu_mul", DEVICE) == ("triton" if DEVICE.type == "cuda" else "torch")
+    assert ok.selected_backend("silu_mul", DEVICE) == "torch"   # opt-in until measured on a GPU
     assert silu_mul_triton(x[:, :0]).shape == (2, 0, 33)
 
 
