@@ -74,8 +74,7 @@ def main():
     args = parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_norms.py needs a CUDA GPU (on CPU the Triton kernels run only in the interpreter, a test "
-                 "tool): "
-                 "tests/test_add_rms_norm.py and tests/test_ops.py check them against the references instead.")
+                 "tool): tests/test_add_rms_norm.py and tests/test_ops.py check them against the references.")
     device = torch.device("cuda")
     env = environment(device)
     dtype, tokens = DTYPES[args.dtype], [int(t) for t in args.tokens.split(",")]
