@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "conv_launch.h"
+#include "launch_check.h"
 
 #include <omni/causal_conv.cuh>
 
@@ -29,7 +30,7 @@ void Launch(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Ten
   p.depthwise = depthwise;
   p.swo = weight.stride(0), p.swi = weight.stride(1);
   cudaError_t const err = omni::CausalConv1d<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, kOp);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "conv_launch.h"
+#include "launch_check.h"
 
 #include <omni/causal_conv_transpose.cuh>
 
@@ -30,7 +31,7 @@ void Launch(at::Tensor const& x, at::Tensor const& weight, std::optional<at::Ten
   p.state_len = state.has_value() ? static_cast<int>(state->size(2)) : 0;
   p.swi = weight.stride(0), p.swo = weight.stride(1);
   cudaError_t const err = omni::CausalConvTranspose1d<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, kOp);
 }
 
 }  // namespace

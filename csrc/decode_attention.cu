@@ -13,6 +13,7 @@
 #include <optional>
 
 #include <omni/decode_attention.cuh>
+#include "launch_check.h"
 
 namespace {
 
@@ -42,7 +43,7 @@ void Launch(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, at::T
   p.window = window;
   p.qk_scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   cudaError_t const err = omni::DecodeAttention<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, kOp);
 }
 
 // K/V rows are copied as 16-byte chunks: every row start must be 16-byte aligned.

@@ -11,6 +11,7 @@
 #include <initializer_list>
 
 #include <omni/moe.cuh>
+#include "launch_check.h"
 
 namespace {
 
@@ -38,7 +39,7 @@ void LaunchRoute(at::Tensor const& logits, int64_t top_k, bool renormalize, at::
   p.top_k = static_cast<int>(top_k);
   p.renormalize = renormalize;
   cudaError_t const err = omni::MoeRoute<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kRouteOp, "kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, kRouteOp);
 }
 
 template <typename T>
@@ -81,7 +82,7 @@ void LaunchMoe(at::Tensor const& x, at::Tensor const& logits, at::Tensor const& 
   p.inter = static_cast<int>(inter);
   p.renormalize = renormalize;
   cudaError_t const err = omni::FusedMoe<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, kOp, "kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, kOp);
 }
 
 void CheckTopK(char const* op, int64_t top_k, int64_t experts) {

@@ -9,6 +9,7 @@
 #include <optional>
 
 #include <omni/qk_norm_rope.cuh>
+#include "launch_check.h"
 
 namespace {
 
@@ -50,7 +51,7 @@ void Launch(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v, std::
   p.head_dim = q.size(3), p.cache_len = k_cache.size(2);
   p.eps = static_cast<float>(eps);
   cudaError_t const err = omni::QKNormRope<T>(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "omni::qk_norm_rope: kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, "omni::qk_norm_rope: ");
 }
 
 }  // namespace

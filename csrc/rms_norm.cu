@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <omni/rms_norm.cuh>
+#include "launch_check.h"
 
 namespace {
 
@@ -36,7 +37,7 @@ void Launch(at::Tensor const& x, at::Tensor const& weight, at::Tensor& out, int6
                        reinterpret_cast<T const*>(weight.const_data_ptr()),
                        reinterpret_cast<T*>(out.mutable_data_ptr()), rows, hidden, x_stride, out_stride,
                        static_cast<float>(eps), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "omni::rms_norm: kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, "omni::rms_norm: ");
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <omni/rvq_embed_mean.cuh>
+#include "launch_check.h"
 
 namespace {
 
@@ -16,7 +17,7 @@ void Launch(at::Tensor const& codes, at::Tensor const& table, int64_t codebook_s
       reinterpret_cast<T*>(out.mutable_data_ptr()), codes.size(0), codes.size(1), codes.size(2), table.size(1),
       codebook_size, codes.stride(0), codes.stride(1), codes.stride(2), table.stride(0), table.stride(1),
       out.stride(0), out.stride(1), out.stride(2), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "omni::rvq_embed_mean: kernel launch failed: ", cudaGetErrorString(err));
+  omni::CheckLaunch(err, "omni::rvq_embed_mean: ");
 }
 
 template <typename T>

@@ -156,7 +156,7 @@ cudaError_t LaunchQKNormRope(QKNormRopeParams<T> const& p, cudaStream_t stream) 
   QKNormRopeParams<T> params = p;
   int heads_per_block_arg = heads_per_block;
   void* args[] = {&params, &lanes, &heads_per_block_arg};
-  // cudaLaunchKernel returns the launch error itself and leaves the thread's last-error state alone.
+  // cudaLaunchKernel returns the launch error (it also stays the thread's last error: the launcher clears it).
   return cudaLaunchKernel(reinterpret_cast<void const*>(&QKNormRopeKernel<T, VEC>), grid, dim3(threads), args, 0,
                           stream);
 }

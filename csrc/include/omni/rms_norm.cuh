@@ -88,7 +88,7 @@ cudaError_t LaunchRMSNorm(T const* x, T const* w, T* y, int rows, int hidden, in
   int const vectors = (hidden + VEC - 1) / VEC;
   int const threads = vectors >= 1024 ? 1024 : ((vectors + 31) / 32) * 32;
   void* args[] = {&x, &w, &y, &hidden, &x_row_stride, &y_row_stride, &eps};
-  // cudaLaunchKernel returns the launch error itself and leaves the thread's last-error state alone.
+  // cudaLaunchKernel returns the launch error (it also stays the thread's last error: the launcher clears it).
   return cudaLaunchKernel(reinterpret_cast<void const*>(&RMSNormKernel<T, VEC>), dim3(rows), dim3(threads),
                           args, 0, stream);
 }
