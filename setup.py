@@ -79,8 +79,9 @@ def _extension():
         ext = CppExtension(sources=cpu_sources, extra_compile_args=cxx, optional=True, **common)
         return ([ext], cmdclass), f"the CPU twins only ({skip_cuda})"
 
-    # torch derives arch flags from the visible GPUs when this is unset, and crashes when there are none.
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # torch derives arch flags from the visible GPUs when this is unset, and crashes when there are none. +PTX embeds
+    # compute_90 PTX beside the sm_90 binary: a newer GPU (sm_100, sm_120) JIT-compiles it instead of finding no image.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     system_includes = [f for d in _nvidia_wheel_includes() for f in ("-isystem", d)]
     ext = CUDAExtension(
         sources=sorted(glob.glob("csrc/*.cu")) + cpu_sources,
