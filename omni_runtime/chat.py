@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from omni_runtime.config import SpecialTokens
 from omni_runtime.models.audio_encoder import audio_token_count
-from omni_runtime.preprocess.audio import HOP_LENGTH, SAMPLE_RATE, mono_waveform_16k, log_mel_features
+from omni_runtime.preprocess.audio import (HOP_LENGTH, MAX_CHANNELS, MAX_SECONDS, SAMPLE_RATE, log_mel_features,
+                                          mono_waveform_16k)
 from omni_runtime.preprocess.vision import preprocess_image, preprocess_video
 
 if TYPE_CHECKING:
@@ -237,21 +238,38 @@ def _frames(video: Any) -> Any:
 def _waveform(source: Any, sample_rate: int | None) -> torch.Tensor:
     """An audio part -> mono fp32 [S] at 16 kHz, checked as ``log_mel_features`` checks it."""
     if isinstance(source, (str, Path)):
-        source, sample_rate = _read_audio_file(Path(source))
-    elif sample_rate is None:
+        path = Path(source)
+        source, sample_rate = _read_audio_file(path)
+        try:
+            return mono_waveform_16k(source, sample_rate).cpu()
+        except ValueError as e:
+            raise ValueError(f"audio file {path}: {e}") from e
+    if sample_rate is None:
         raise ValueError("audio given as samples needs 'sample_rate' (Hz) beside it")
     return mono_waveform_16k(source, sample_rate).cpu()   # features on the CPU, as the reference computes them
 
 
 def _read_audio_file(path: Path) -> tuple[np.ndarray, int]:
-    """-> (samples [S] or [channels, S] fp32, sample rate)."""
+    """-> (samples [S] or [channels, S] fp32, sample rate). Length and channels are checked from the header first,
+    so that an over-long file is refused before it is read into memory."""
+    if path.is_dir():
+        raise ValueError(f"audio path {path} is a directory, not an audio file")
     if not path.is_file():
         raise FileNotFoundError(f"audio file {path} does not exist")
     import soundfile
 
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [S, channels]
+        info = soundfile.info(str(path))
     except (RuntimeError, TypeError, ValueError) as e:  # LibsndfileError is a RuntimeError
+        raise ValueError(f"cannot decode audio file {path}: {e}") from e
+    if info.samplerate > 0 and info.frames > MAX_SECONDS * info.samplerate:
+        raise ValueError(f"audio file {path}: audio too long: {info.frames / info.samplerate:.1f} s, the supported "
+                         f"maximum is {MAX_SECONDS // 60} minutes")
+    if info.channels > MAX_CHANNELS:
+        raise ValueError(f"audio file {path} has {info.channels} channels, at most {MAX_CHANNELS} are supported")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # [S, channels]
+    except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(f"cannot decode audio file {path}: {e}") from e
     return (data[:, 0] if data.shape[1] == 1 else np.ascontiguousarray(data.T)), int(rate)
 

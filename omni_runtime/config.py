@@ -8,6 +8,68 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+_REQUIRED = object()
+
+
+def _malformed(where: str, key: str, problem: str) -> ValueError:
+    return ValueError(f"missing or malformed field {_join(where, key)}: {problem}")
+
+
+def _get(d: dict, key: str, where: str, default: Any) -> Any:
+    """``d[key]``; null counts as absent (transformers writes unset fields as null)."""
+    value = d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise _malformed(where, key, "not present")
+        return default
+    return value
+
+
+def _int(d: dict, key: str, where: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+    """An integer field (not a bool, not a float) of at least ``minimum``: 1 for sizes, 0 for ids and counts."""
+    value = _get(d, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _malformed(where, key, f"expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(d: dict, key: str, where: str, default: Any = _REQUIRED) -> float:
+    value = _get(d, key, where, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise _malformed(where, key, f"expected a positive number, got {value!r}")
+    return float(value)
+
+
+def _int_list(d: dict, key: str, where: str, default: Any = _REQUIRED, length: int | None = None) -> tuple[int, ...]:
+    value = _get(d, key, where, default)
+    if (not isinstance(value, (list, tuple)) or (length is not None and len(value) != length)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        count = f"{length} " if length is not None else ""
+        raise _malformed(where, key, f"expected a list of {count}non-negative integers, got {value!r:.80}")
+    return tuple(value)
+
+
+def _dict(d: dict, key: str, where: str, default: Any = _REQUIRED) -> dict:
+    value = _get(d, key, where, default)
+    if not isinstance(value, dict):
+        raise _malformed(where, key, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _read_json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: malformed JSON config: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: expected a JSON object at the top level, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -37,22 +99,29 @@ class MoeTextConfig:
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
     @classmethod
-    def from_dict(cls, d: dict) -> MoeTextConfig:
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 1e6))
-        heads = d["num_attention_heads"]
+    def from_dict(cls, d: dict, where: str = "text_config") -> MoeTextConfig:
+        """``where``: the dict's place in config.json, for error messages naming a malformed field."""
+        rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+        rope = _dict(d, rope_key, where, default={})
+        rope_where = _join(where, rope_key)
+        theta = _positive_float(rope, "rope_theta", rope_where, _positive_float(d, "rope_theta", where, 1e6))
+        hidden, heads = _int(d, "hidden_size", where), _int(d, "num_attention_heads", where)
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=d.get("num_key_value_heads", heads),
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            intermediate_size=d.get("intermediate_size", 0), moe_intermediate_size=d.get("moe_intermediate_size", 0),
-            num_experts=d.get("num_experts", d.get("num_local_experts", 0)),
-            num_experts_per_tok=d.get("num_experts_per_tok", 0),
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta), mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
-            max_position_embeddings=d.get("max_position_embeddings", 32768),
-            decoder_sparse_step=d.get("decoder_sparse_step", 1), mlp_only_layers=tuple(d.get("mlp_only_layers") or ()),
-            shared_expert_intermediate_size=d.get("shared_expert_intermediate_size") or 0,
+            vocab_size=_int(d, "vocab_size", where), hidden_size=hidden,
+            num_hidden_layers=_int(d, "num_hidden_layers", where), num_attention_heads=heads,
+            num_key_value_heads=_int(d, "num_key_value_heads", where, heads),
+            head_dim=_int(d, "head_dim", where, max(1, hidden // heads)),
+            intermediate_size=_int(d, "intermediate_size", where, 0, minimum=0),
+            moe_intermediate_size=_int(d, "moe_intermediate_size", where, 0, minimum=0),
+            num_experts=_int(d, "num_experts", where, _int(d, "num_local_experts", where, 0, minimum=0), minimum=0),
+            num_experts_per_tok=_int(d, "num_experts_per_tok", where, 0, minimum=0),
+            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            rms_norm_eps=_positive_float(d, "rms_norm_eps", where, 1e-6), rope_theta=theta,
+            mrope_section=_int_list(rope, "mrope_section", rope_where, (24, 20, 20), length=3),
+            max_position_embeddings=_int(d, "max_position_embeddings", where, 32768),
+            decoder_sparse_step=_int(d, "decoder_sparse_step", where, 1),
+            mlp_only_layers=_int_list(d, "mlp_only_layers", where, ()),
+            shared_expert_intermediate_size=_int(d, "shared_expert_intermediate_size", where, 0, minimum=0),
         )
 
 
@@ -75,19 +144,16 @@ class SpecialTokens:
 
     @classmethod
     def from_dicts(cls, top: dict, thinker: dict) -> SpecialTokens:
-        pick = lambda d, key, default: d.get(key, default) if d.get(key) is not None else default  # noqa: E731
         base = cls()
-        return cls(
-            im_start=pick(top, "im_start_token_id", base.im_start), im_end=pick(top, "im_end_token_id", base.im_end),
-            system=pick(top, "system_token_id", base.system), user=pick(top, "user_token_id", base.user),
-            assistant=pick(top, "assistant_token_id", base.assistant),
-            tts_pad=pick(top, "tts_pad_token_id", base.tts_pad), tts_bos=pick(top, "tts_bos_token_id", base.tts_bos),
-            tts_eos=pick(top, "tts_eos_token_id", base.tts_eos),
-            audio_start=pick(thinker, "audio_start_token_id", base.audio_start),
-            audio=pick(thinker, "audio_token_id", base.audio), image=pick(thinker, "image_token_id", base.image),
-            video=pick(thinker, "video_token_id", base.video),
-            vision_start=pick(thinker, "vision_start_token_id", base.vision_start),
-        )
+        top_ids = dict(im_start="im_start_token_id", im_end="im_end_token_id", system="system_token_id",
+                       user="user_token_id", assistant="assistant_token_id", tts_pad="tts_pad_token_id",
+                       tts_bos="tts_bos_token_id", tts_eos="tts_eos_token_id")
+        thinker_ids = dict(audio_start="audio_start_token_id", audio="audio_token_id", image="image_token_id",
+                           video="video_token_id", vision_start="vision_start_token_id")
+        ids = {name: _int(top, key, "", getattr(base, name), minimum=0) for name, key in top_ids.items()}
+        ids |= {name: _int(thinker, key, "thinker_config", getattr(base, name), minimum=0)
+                for name, key in thinker_ids.items()}
+        return cls(**ids)
 
 
 @dataclass(frozen=True)
@@ -109,20 +175,25 @@ class TalkerConfig:
     spatial_merge_size: int = 2
 
     @classmethod
-    def from_dict(cls, d: dict) -> TalkerConfig:
+    def from_dict(cls, d: dict, where: str = "talker_config") -> TalkerConfig:
         text, predictor = d.get("text_config"), d.get("code_predictor_config")
         if not isinstance(text, dict) or not isinstance(predictor, dict):
-            raise ValueError("talker_config lacks text_config or code_predictor_config")
-        speakers = {name.lower(): int(i) for name, i in (d.get("speaker_id") or {}).items()}
+            raise ValueError(f"{where} lacks text_config or code_predictor_config")
+        speaker_ids = _dict(d, "speaker_id", where, default={})
+        speakers = {name.lower(): _int(speaker_ids, name, _join(where, "speaker_id"), minimum=0)
+                    for name in speaker_ids}
+        codec = lambda key, default: _int(d, key, where, default, minimum=0)  # noqa: E731
         return cls(
-            text=MoeTextConfig.from_dict(text), code_predictor=MoeTextConfig.from_dict(predictor),
-            num_code_groups=d.get("num_code_groups", 16), accept_hidden_layer=d.get("accept_hidden_layer", 24),
-            thinker_hidden_size=d.get("thinker_hidden_size", 2048),
-            projection_size=text.get("intermediate_size", 2048), codec_eos=d.get("codec_eos_token_id", 2150),
-            codec_pad=d.get("codec_pad_id", 2148), codec_bos=d.get("codec_bos_id", 2149),
-            codec_nothink=d.get("codec_nothink_id", 2155), codec_think_bos=d.get("codec_think_bos_id", 2156),
-            codec_think_eos=d.get("codec_think_eos_id", 2157), speakers=speakers,
-            spatial_merge_size=d.get("spatial_merge_size", 2),
+            text=MoeTextConfig.from_dict(text, _join(where, "text_config")),
+            code_predictor=MoeTextConfig.from_dict(predictor, _join(where, "code_predictor_config")),
+            num_code_groups=_int(d, "num_code_groups", where, 16),
+            accept_hidden_layer=_int(d, "accept_hidden_layer", where, 24, minimum=0),
+            thinker_hidden_size=_int(d, "thinker_hidden_size", where, 2048),
+            projection_size=_int(text, "intermediate_size", _join(where, "text_config"), 2048),
+            codec_eos=codec("codec_eos_token_id", 2150), codec_pad=codec("codec_pad_id", 2148),
+            codec_bos=codec("codec_bos_id", 2149), codec_nothink=codec("codec_nothink_id", 2155),
+            codec_think_bos=codec("codec_think_bos_id", 2156), codec_think_eos=codec("codec_think_eos_id", 2157),
+            speakers=speakers, spatial_merge_size=_int(d, "spatial_merge_size", where, 2),
         )
 
     def speaker_id(self, name: str) -> int:
@@ -143,16 +214,23 @@ class OmniConfig:
 
     @classmethod
     def from_dict(cls, d: dict, generation: dict | None = None) -> OmniConfig:
+        """``d``: config.json's contents, ``generation``: generation_config.json's. A missing or malformed field is
+        a ValueError naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
         thinker = d.get("thinker_config")
         if not isinstance(thinker, dict) or not isinstance(thinker.get("text_config"), dict):
-            raise ValueError("config.json has no thinker_config.text_config: not a Qwen3-Omni checkpoint")
+            raise ValueError("no thinker_config.text_config object: not a Qwen3-Omni checkpoint's config")
+        for key in ("audio_config", "vision_config"):              # parsed by the encoders, which need objects
+            _dict(thinker, key, "thinker_config", default={})
+        _dict(d, "code2wav_config", "", default={})
         tokens = SpecialTokens.from_dicts(d, thinker)
-        eos = (generation or {}).get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (eos,) if eos is not None else (tokens.im_end,)
-        talker = d.get("talker_config") if d.get("enable_audio_output", True) else None
-        return cls(thinker_text=MoeTextConfig.from_dict(thinker["text_config"]), tokens=tokens,
-                   position_id_per_seconds=float(thinker.get("position_id_per_seconds", 13)),
-                   eos_token_ids=eos_ids, talker=TalkerConfig.from_dict(talker) if talker else None, raw=d)
+        talker = _dict(d, "talker_config", "", default={}) if d.get("enable_audio_output", True) else None
+        return cls(thinker_text=MoeTextConfig.from_dict(thinker["text_config"], "thinker_config.text_config"),
+                   tokens=tokens,
+                   position_id_per_seconds=_positive_float(thinker, "position_id_per_seconds", "thinker_config", 13),
+                   eos_token_ids=_eos_ids(generation, tokens.im_end),
+                   talker=TalkerConfig.from_dict(talker) if talker else None, raw=d)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> OmniConfig:
@@ -162,10 +240,23 @@ class OmniConfig:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in {path}")
+        config = _read_json_object(config_file)
+        generation_file = path / "generation_config.json"
+        generation = _read_json_object(generation_file) if generation_file.is_file() else None
         try:
-            config = json.loads(config_file.read_text())
-            generation_file = path / "generation_config.json"
-            generation = json.loads(generation_file.read_text()) if generation_file.is_file() else None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file.parent}: malformed JSON config: {e}") from e
-        return cls.from_dict(config, generation)
+            _eos_ids(generation, 0)
+        except ValueError as e:
+            raise ValueError(f"{generation_file}: {e}") from e
+        try:
+            return cls.from_dict(config, generation)
+        except ValueError as e:
+            raise ValueError(f"{config_file}: {e}") from e
+
+
+def _eos_ids(generation: dict | None, default: int) -> tuple[int, ...]:
+    """generation_config.json's ``eos_token_id`` (one id or a list), else ``default``."""
+    if generation is None or generation.get("eos_token_id") is None:
+        return (default,)
+    if isinstance(generation.get("eos_token_id"), list):
+        return _int_list(generation, "eos_token_id", "")
+    return (_int(generation, "eos_token_id", "", minimum=0),)

@@ -33,8 +33,11 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{index}: not a valid safetensors index ({e})") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) for s in weight_map.values()):
+            raise ValueError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                             "shard file names)")
         files = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
@@ -119,17 +122,31 @@ def load_weights(
     for shard, entries in tqdm(sorted(by_shard.items()), desc=f"loading {prefix.rstrip('.')}", unit="shard",
                                disable=total_bytes < 2**30):
         with _open(shard) as f:
+            present = set(f.keys())
             for key, target in entries:
+                if key not in present:
+                    raise _not_in_shard(key, shard)
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != target.shape:
                     raise ValueError(f"tensor {key} has shape {shape}, the config expects {target.shape}")
-                tensors[target.param][target.index].copy_(f.get_tensor(key))
+                try:
+                    tensor = f.get_tensor(key)
+                except SafetensorError as e:
+                    raise ValueError(f"{shard}: corrupt or unreadable safetensors file ({e})") from e
+                tensors[target.param][target.index].copy_(tensor)
                 loaded[target.param] += torch.Size(shape).numel()
     missing = [f"{prefix}{name}" for name, count in loaded.items() if count != expected[name]]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors (or parts of fused ones), "
                          f"e.g. {', '.join(missing[:5])}")
     module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def _not_in_shard(key: str, shard: Path) -> ValueError:
+    index = shard.parent / INDEX_FILE
+    if index.is_file():
+        return ValueError(f"{index} maps tensor {key} to shard {shard.name}, which does not contain it")
+    return ValueError(f"{shard} does not contain tensor {key}")
 
 
 def check_components(files: dict[str, Path], prefixes: Iterable[str]) -> None:

@@ -132,7 +132,10 @@ def _image_to_chw(image: Any) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         image = _open_image(Path(image))
     if _is_pil_image(image):
-        image = _pil_to_rgb_array(image)
+        try:
+            image = _pil_to_rgb_array(image)
+        except (OSError, SyntaxError) as e:    # a lazily opened PIL image whose file is truncated or corrupt
+            raise ValueError(f"cannot decode the PIL image: {e}") from e
     tensor = _as_tensor(image, "image")
     if tensor.dim() == 3 and tensor.shape[-1] == 1:
         tensor = tensor[..., 0]
@@ -149,6 +152,8 @@ def _is_pil_image(image: Any) -> bool:
 
 
 def _open_image(path: Path) -> Any:
+    if path.is_dir():
+        raise ValueError(f"image path {path} is a directory, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
@@ -156,8 +161,13 @@ def _open_image(path: Path) -> Any:
     except ImportError as e:
         raise ModuleNotFoundError(f"reading the image file {path} needs Pillow (pip install pillow); "
                                   "or pass the decoded [H, W, 3] array") from e
-    with Image.open(path) as opened:
-        return ImageOps.exif_transpose(opened).copy()         # upright, as the reference's load_image
+    try:
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened).copy()     # upright, as the reference's load_image; decodes it
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow's decoders raise OSError, SyntaxError, ValueError, struct.error, ... on bad data
+        raise ValueError(f"cannot decode image file {path}: {e}") from e
 
 
 def _pil_to_rgb_array(image: Any) -> np.ndarray:
