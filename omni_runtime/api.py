@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -11,6 +11,7 @@ from omni_runtime.chat import load_tokenizer, prepare_inputs
 from omni_runtime.config import OmniConfig
 from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.code2wav_runner import Code2WavRunner
+from omni_runtime.engine.lease import RunnerLease
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import assistant_start
 from omni_runtime.engine.talker_runner import TalkerRunner
@@ -27,7 +28,7 @@ from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt
 from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
-                                   step_thinker_rows)
+                                   step_thinker_rows, text_event)
 from omni_runtime.sampling import Sampler, SamplingParams
 from omni_runtime.speech_batch import SpeechEngine, SpeechRequest
 
@@ -57,9 +58,11 @@ class SpokenParts:
     text: list[int] = field(default_factory=list)
     codes: list[torch.Tensor] = field(default_factory=list)
     audio: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str | None = None   # the thinker's, once its last token came
 
     def add(self, event: StreamEvent) -> None:
         self.text += event.text_ids
+        self.finish_reason = event.finish_reason or self.finish_reason
         self.codes += [] if event.codes is None else [event.codes]
         self.audio += [] if event.audio is None else [event.audio]
 
@@ -95,6 +98,13 @@ class OmniModel:
         self.batched_code2wav: Code2WavRows | None = None        # the same, one stream per concurrent answer
         if self.code2wav is not None and device.type == "cuda":
             self.code2wav_runner = Code2WavRunner(self.code2wav)
+        # Each runner set serves one user at a time (its caches hold that user's state): see engine/lease.py.
+        self.single_lease = RunnerLease(
+            "single-request runners", "one generate() or stream() at a time: finish or close() that stream first, "
+            "or for concurrent answers use stream_batch(), generate_batch() or speech_engine()")
+        self.batched_lease = RunnerLease(
+            "batched runners", "one SpeechEngine, stream_batch() or generate_batch() at a time: submit concurrent "
+            "requests to one speech_engine() instead")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -146,7 +156,7 @@ class OmniModel:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None
 
     def code2wav_stream(self) -> Code2WavStream | Code2WavRunner:
-        """A new Code2Wav stream (``push``/``flush``); on a GPU the runner's, restarted (its graphs replay)."""
+        """A new Code2Wav stream (``push``); on a GPU the runner's, restarted (its graphs replay)."""
         if self.code2wav_runner is None:
             return Code2WavStream(self.code2wav)
         return self.code2wav_runner.start()
@@ -169,18 +179,21 @@ class OmniModel:
         reference processor's names (``input_features``, ``feature_attention_mask``, ``pixel_values``,
         ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``video_second_per_grid``,
         ``use_audio_in_video``), as :meth:`prepare` returns them."""
-        media = MediaInputs.from_kwargs(media)
         if not return_audio:
-            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media)[0]
-            while not thinker.finished:
-                thinker.step()
+            ids, media = self._check_entry({"input_ids": input_ids, **media}, max_new_tokens)
+            with self.single_lease.held("generate()"):
+                thinker, _ = self._start_thinker(ids, media, self._thinker_sampler(thinker_sampling),
+                                                 self._eos_ids(eos_token_id), max_new_tokens)
+                while not thinker.finished:
+                    thinker.step()
             return GenerationOutput(text_ids=thinker.tokens, finish_reason=thinker.finish_reason)
-        session = self._speech_session(input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
-                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling)
+        request = self.speech_request({"input_ids": input_ids, **media}, max_new_tokens, eos_token_id,
+                                      thinker_sampling, speaker, talker_max_new_tokens, talker_sampling,
+                                      code_predictor_sampling)
         parts = SpokenParts()
-        for event in session.events():
+        for event in self._speak(request, "generate()"):
             parts.add(event)
-        return parts.output(session.thinker.finish_reason, self.config.talker.num_code_groups, self.device)
+        return parts.output(parts.finish_reason, self.config.talker.num_code_groups, self.device)
 
     def generate_batch(
         self,
@@ -205,38 +218,42 @@ class OmniModel:
         greedy tokens and codes in the tests)."""
         if return_audio:
             parts = [SpokenParts() for _ in prompts]
-            batch = self._speech_batch(prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
-                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling)
-            for index, event in batch.events():
+            requests = self._speech_requests(prompts, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                                             talker_max_new_tokens, talker_sampling, code_predictor_sampling)
+            for index, event in self._speak_batch(requests, max_batch):
                 parts[index].add(event)
-            return [p.output(batch.finish_reasons[i], self.config.talker.num_code_groups, self.device)
-                    for i, p in enumerate(parts)]
+            return [p.output(p.finish_reason, self.config.talker.num_code_groups, self.device) for p in parts]
         samplings = _per_prompt(thinker_sampling, len(prompts), "thinker_sampling")
-        runner = self._batched_thinker(max_batch)
-        checked = self._check_prompts(prompts, max_new_tokens, runner.max_len)
+        checked = self._check_prompts(prompts, max_new_tokens)
         eos = self._eos_ids(eos_token_id)
-        outputs: list[GenerationOutput | None] = [None] * len(prompts)
-        waiting = list(range(len(prompts)))[::-1]
+        with self.batched_lease.held("generate_batch()"):
+            return self._generate_text_batch(checked, samplings, eos, max_new_tokens, max_batch)
+
+    @torch.inference_mode()
+    def _generate_text_batch(self, checked: list[tuple[torch.Tensor, MediaInputs]], samplings: list, eos: set[int],
+                             max_new_tokens: int, max_batch: int) -> list[GenerationOutput]:
+        """``generate_batch``'s text answers to checked prompts: each takes a row when one is free."""
+        runner = self._batched_thinker(max_batch)
+        outputs: list[GenerationOutput | None] = [None] * len(checked)
+        waiting = list(range(len(checked)))[::-1]
         live: dict[int, tuple[int, ThinkerStream]] = {}                 # row -> (prompt index, its stream)
         prefilling: dict[int, tuple[int, ChunkedPrefill]] = {}          # the same, for long prompts' prefills
         try:
-            with torch.inference_mode():
-                while waiting or live or prefilling:
-                    starts, indices = [], []
-                    while waiting and len(starts) < runner.free_rows():
-                        indices.append(waiting.pop())
-                        ids, media = checked[indices[-1]]
-                        sampler = Sampler(samplings[indices[-1]] or SamplingParams(temperature=0.0), self.device)
-                        starts.append((ids, self._build_prompt(indices[-1], ids, media), sampler, eos,
-                                       max_new_tokens))
-                    if starts:
-                        for index, (row, stream) in zip(indices, start_thinker_rows(runner, starts)):
-                            (prefilling if isinstance(stream, ChunkedPrefill) else live)[row] = index, stream
-                    chunks = [prefill for _, prefill in prefilling.values()]
-                    for prefill, stream in advance_prefills(chunks, runner.prefill_tokens):
-                        live[prefill.row] = prefilling.pop(prefill.row)[0], stream
-                    if live:
-                        self._batch_step(runner, live, outputs)
+            while waiting or live or prefilling:
+                starts, indices = [], []
+                while waiting and len(starts) < runner.free_rows():
+                    indices.append(waiting.pop())
+                    ids, media = checked[indices[-1]]
+                    starts.append((ids, self._build_prompt(indices[-1], ids, media),
+                                   self._thinker_sampler(samplings[indices[-1]]), eos, max_new_tokens))
+                if starts:
+                    for index, (row, stream) in zip(indices, start_thinker_rows(runner, starts)):
+                        (prefilling if isinstance(stream, ChunkedPrefill) else live)[row] = index, stream
+                chunks = [prefill for _, prefill in prefilling.values()]
+                for prefill, stream in advance_prefills(chunks, runner.prefill_tokens):
+                    live[prefill.row] = prefilling.pop(prefill.row)[0], stream
+                if live:
+                    self._batch_step(runner, live, outputs)
         finally:   # an error (or an interrupt) leaves every row free for the next batch
             for row in [*live, *prefilling]:
                 runner.release(row)
@@ -261,27 +278,40 @@ class OmniModel:
         audio become final; per prompt, the events concatenate to what :meth:`stream` yields for it alone. Up to
         ``max_batch`` answers share every thinker step and every talker frame (speech_batch.py); a prompt waits for
         free rows and takes them as soon as an answer ends. Arguments as for :meth:`generate_batch` and
-        :meth:`stream`. Stopping the iteration early releases everything."""
-        batch = self._speech_batch(prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
-                                   talker_max_new_tokens, talker_sampling, code_predictor_sampling, first_chunk_frames,
-                                   chunk_frames, timer)
-        yield from batch.events()
+        :meth:`stream`. Bad arguments raise here, before the first event; stopping the iteration early releases
+        everything."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        requests = self._speech_requests(prompts, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                                         talker_max_new_tokens, talker_sampling, code_predictor_sampling,
+                                         first_chunk_frames, chunk_frames)
+        return self._speak_batch(requests, max_batch, timer)
+
+    def _speak_batch(self, requests: list[SpeechRequest], max_batch: int,
+                     timer: StageTimer | None = None) -> Iterator[tuple[int, StreamEvent]]:
+        """The events of checked requests spoken together, each named by its index."""
+        engine = self.speech_engine(max_batch, timer)
+        for request in requests:
+            engine.submit_request(request)
+        yield from engine.events()
 
     def speech_engine(self, max_batch: int = 8, timer: StageTimer | None = None,
                       prefill_tokens: int | None = None) -> SpeechEngine:
         """A server's loop for spoken answers (speech_batch.py): ``engine.submit(prompt, **options)`` queues a
         request whenever one arrives (options as :meth:`stream` takes them) and returns its id; each
         ``engine.step()`` runs one tick over up to ``max_batch`` live answers and returns the ``(id, event)`` pairs
-        it made final; ``engine.cancel(id)`` drops a request; ``engine.busy`` says whether any waits or runs. The
-        engine uses the model's batched runners: one engine at a time. ``prefill_tokens`` (kept by the batched
-        thinker, default 4096): prompt tokens per prefill forward; a longer prompt prefills that many per tick, so
-        the answers already speaking wait for no more than one such forward a tick."""
-        thinker = self._batched_thinker(max_batch)
-        if prefill_tokens is not None:
-            if prefill_tokens < 1:
-                raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-            thinker.prefill_tokens = prefill_tokens
-        return SpeechEngine(self, thinker, self._batched_talker(max_batch), self._batched_code2wav(max_batch), timer)
+        it made final; ``engine.cancel(id)`` drops a request; ``engine.busy`` says whether any waits or runs;
+        ``engine.close()`` drops every request. The engine drives the model's batched runners: one engine at a time
+        (a second one, or a ``stream_batch``/``generate_batch`` meanwhile, raises a RuntimeError until the first is
+        closed or collected). ``prefill_tokens`` (this engine's, default the batched thinker's 4096): prompt tokens
+        per prefill forward; a longer prompt prefills that many per tick, so the answers already speaking wait for
+        no more than one such forward a tick."""
+        self._require_talker()
+        if prefill_tokens is not None and prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.batched_lease.check()   # before any runner is rebuilt under the engine that holds them
+        return SpeechEngine(self, self._batched_thinker(max_batch), self._batched_talker(max_batch),
+                            self._batched_code2wav(max_batch), timer, self.batched_lease, prefill_tokens)
 
     def speech_request(
         self,
@@ -298,22 +328,21 @@ class OmniModel:
     ) -> SpeechRequest:
         """One spoken request, checked (a ValueError names what is wrong) with its own samplers: what
         ``SpeechEngine.submit`` queues."""
-        if self.talker is None:
-            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+        self._require_talker()
         if first_chunk_frames < 1 or chunk_frames < 1:
             raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
-        ids, media = self._check_entry(prompt, max_new_tokens, self.thinker_runner.max_len)
-        assistant_start(ids, self.config.tokens)
-        self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
         options = self._speech_options(speaker, talker_max_new_tokens, talker_sampling, code_predictor_sampling,
                                        first_chunk_frames, chunk_frames)
-        sampler = Sampler(thinker_sampling or SamplingParams(temperature=0.0), self.device)
-        return SpeechRequest(ids, media, sampler, self._eos_ids(eos_token_id), max_new_tokens, options)
+        ids, media = self._check_entry(prompt, max_new_tokens)
+        assistant_start(ids, self.config.tokens)
+        self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
+        return SpeechRequest(ids, media, self._thinker_sampler(thinker_sampling), self._eos_ids(eos_token_id),
+                             max_new_tokens, options)
 
-    def _speech_batch(self, prompts, max_new_tokens, eos_token_id, thinker_sampling, max_batch, speaker,
-                      talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
-                      chunk_frames=4, timer=None) -> SpeechEngine:
-        """An engine with every prompt submitted (each checked first, named by its index)."""
+    def _speech_requests(self, prompts, max_new_tokens, eos_token_id, thinker_sampling, speaker,
+                         talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
+                         chunk_frames=4) -> list[SpeechRequest]:
+        """Every prompt of a batch checked as a spoken request (a ValueError names the prompt by its index)."""
         count = len(prompts)
         settings = zip(_per_prompt(thinker_sampling, count, "thinker_sampling"),
                        [speaker] * count if isinstance(speaker, str) else _per_prompt(speaker, count, "speaker"),
@@ -327,10 +356,7 @@ class OmniModel:
                                                     chunk_frames))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        engine = self.speech_engine(max_batch, timer)
-        for request in requests:
-            engine.submit_request(request)
-        return engine
+        return requests
 
     def _build_prompt(self, index: int, ids: torch.Tensor, media: MediaInputs) -> PromptInputs:
         """Prompt ``index`` of a batch as the thinker takes it; media that disagree with their placeholders fail
@@ -341,22 +367,22 @@ class OmniModel:
         except ValueError as e:
             raise ValueError(f"prompt {index}: {e}") from None
 
-    def _check_prompts(self, prompts, max_new_tokens: int, max_len: int) -> list[tuple[torch.Tensor, MediaInputs]]:
+    def _check_prompts(self, prompts, max_new_tokens: int) -> list[tuple[torch.Tensor, MediaInputs]]:
         """Every prompt of a batch checked before any work starts: (ids, media) each, or a ValueError naming it."""
         checked = []
         for i, prompt in enumerate(prompts):
             try:
-                checked.append(self._check_entry(prompt, max_new_tokens, max_len))
+                checked.append(self._check_entry(prompt, max_new_tokens))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         return checked
 
-    def _check_entry(self, prompt, max_new_tokens: int, max_len: int) -> tuple[torch.Tensor, MediaInputs]:
-        """A batch's prompt (ids, or a dict of input_ids and media) -> (checked ids, media)."""
+    def _check_entry(self, prompt, max_new_tokens: int) -> tuple[torch.Tensor, MediaInputs]:
+        """A prompt (ids, or a dict of input_ids and media) -> (checked ids, media)."""
         kwargs = dict(prompt) if isinstance(prompt, dict) else {"input_ids": prompt}
         if "input_ids" not in kwargs:
             raise ValueError("a prompt dict needs input_ids")
-        ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens, max_len)
+        ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens)
         return ids, MediaInputs.from_kwargs(kwargs)
 
     @staticmethod
@@ -380,8 +406,7 @@ class OmniModel:
 
     def _batched_talker(self, max_batch: int) -> BatchedTalkerRunner:
         """The batched talker, built on first use (``max_batch`` rows of the talker's length)."""
-        if self.talker is None:
-            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+        self._require_talker()
         if self.batched_talker is None or self.batched_talker.max_batch != max_batch:
             _check_idle(self.batched_talker)
             self.batched_talker = None
@@ -416,45 +441,53 @@ class OmniModel:
     ) -> Iterator[StreamEvent]:
         """Yield text tokens and audio samples as they become final. Their concatenations equal :meth:`generate`'s
         ``text_ids`` and ``audio``. Stopping the iteration early releases everything. ``timer`` (a
-        ``pipeline.StageTimer``) collects the time of each stage. ``media`` as for :meth:`generate`."""
-        media = MediaInputs.from_kwargs(media)
+        ``pipeline.StageTimer``) collects the time of each stage. ``media`` as for :meth:`generate`. Bad arguments
+        raise here, before the first event. One stream at a time: the model's single-request runners hold its state
+        until it ends or is closed (concurrent answers: :meth:`stream_batch`, :meth:`speech_engine`)."""
         if not return_audio:
-            thinker = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
-                                          timer=timer)[0]
+            ids, media = self._check_entry({"input_ids": input_ids, **media}, max_new_tokens)
+            return self._stream_text(ids, media, self._thinker_sampler(thinker_sampling), self._eos_ids(eos_token_id),
+                                     max_new_tokens, timer)
+        request = self.speech_request({"input_ids": input_ids, **media}, max_new_tokens, eos_token_id,
+                                      thinker_sampling, speaker, talker_max_new_tokens, talker_sampling,
+                                      code_predictor_sampling, first_chunk_frames, chunk_frames)
+        return self._speak(request, "a stream() (finish or close() it first)", timer)
+
+    def _stream_text(self, ids: torch.Tensor, media: MediaInputs, sampler: Sampler, eos: set[int],
+                     max_new_tokens: int, timer: StageTimer | None) -> Iterator[StreamEvent]:
+        with self.single_lease.held("a stream() (finish or close() it first)"):
+            thinker, _ = self._start_thinker(ids, media, sampler, eos, max_new_tokens, timer=timer)
             detokenizer = IncrementalText(self.decode) if self.tokenizer else None
             while not thinker.finished:
-                ids = [int(thinker.step())]
-                yield StreamEvent(text_ids=ids, text=detokenizer.push(ids) if detokenizer else None)
-            return
-        if first_chunk_frames < 1 or chunk_frames < 1:
-            raise ValueError(f"chunk sizes must be >= 1 frame, got {first_chunk_frames} and {chunk_frames}")
-        session = self._speech_session(input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
-                                       talker_max_new_tokens, talker_sampling, code_predictor_sampling,
-                                       first_chunk_frames, chunk_frames, timer)
-        yield from session.events()
+                yield text_event(int(thinker.step()), thinker, detokenizer)
 
-    def _start_thinker(self, input_ids, max_new_tokens, eos_token_id, sampling, media: MediaInputs,
-                       capture_layer=None, timer=None):
-        ids = self._check_prompt(input_ids, max_new_tokens)
-        sampler = Sampler(sampling or SamplingParams(temperature=0.0), self.device)
-        with torch.inference_mode():
-            prompt = build_prompt(ids, media, self.config, self.thinker.model.embed_tokens, self.audio_encoder,
-                                  self.vision_encoder)
-            thinker = ThinkerStream(self.thinker_runner, sampler, ids, prompt, self._eos_ids(eos_token_id),
-                                    max_new_tokens, capture_layer, timer)
-        return thinker, ids, prompt.embeds
+    def _speak(self, request: SpeechRequest, holder: str, timer: StageTimer | None = None) -> Iterator[StreamEvent]:
+        """The events of one checked spoken request, on the single-request runners (``holder`` names the user for
+        the lease's error)."""
+        with self.single_lease.held(holder):
+            thinker, embeds = self._start_thinker(request.ids, request.media, request.thinker_sampler, request.eos,
+                                                  request.max_new_tokens, self.config.talker.accept_hidden_layer,
+                                                  timer)
+            session = SpeechSession(self, thinker, request.ids, embeds, request.media, request.options,
+                                    self.decode if self.tokenizer else None)
+            yield from session.events()
 
-    def _speech_session(self, input_ids, media, max_new_tokens, eos_token_id, thinker_sampling, speaker,
-                        talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,
-                        chunk_frames=4, timer=None) -> SpeechSession:
+    @torch.inference_mode()
+    def _start_thinker(self, ids: torch.Tensor, media: MediaInputs, sampler: Sampler, eos: set[int],
+                       max_new_tokens: int, capture_layer: int | None = None,
+                       timer: StageTimer | None = None) -> tuple[ThinkerStream, torch.Tensor]:
+        """The encoders and the thinker's prefill of checked ids -> (its stream, the prompt's embeddings)."""
+        prompt = build_prompt(ids, media, self.config, self.thinker.model.embed_tokens, self.audio_encoder,
+                              self.vision_encoder)
+        thinker = ThinkerStream(self.thinker_runner, sampler, ids, prompt, eos, max_new_tokens, capture_layer, timer)
+        return thinker, prompt.embeds
+
+    def _thinker_sampler(self, sampling: SamplingParams | None) -> Sampler:
+        return Sampler(sampling or SamplingParams(temperature=0.0), self.device)
+
+    def _require_talker(self) -> None:
         if self.talker is None:
             raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
-        options = self._speech_options(speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
-                                       first_chunk_frames, chunk_frames)
-        thinker, ids, embeds = self._start_thinker(input_ids, max_new_tokens, eos_token_id, thinker_sampling, media,
-                                                   capture_layer=self.config.talker.accept_hidden_layer, timer=timer)
-        self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
-        return SpeechSession(self, thinker, ids, embeds, media, options, self.decode if self.tokenizer else None)
 
     def _speech_options(self, speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
                         first_chunk_frames, chunk_frames) -> SpeechOptions:
@@ -466,7 +499,7 @@ class OmniModel:
         if predictor_sampling is None:
             predictor_sampling = talker_sampling if talker_sampling.greedy else DEFAULT_PREDICTOR_SAMPLING
             if talker_sampling.seed is not None:
-                predictor_sampling = SamplingParams(**{**predictor_sampling.__dict__, "seed": talker_sampling.seed + 1})
+                predictor_sampling = replace(predictor_sampling, seed=talker_sampling.seed + 1)
         suppress = self.talker_runner.code0_suppress   # codec specials are never drawn, except the end of speech
         return SpeechOptions(speaker_id, Sampler(talker_sampling, self.device, suppress),
                              Sampler(predictor_sampling, self.device), talker_max_new_tokens, first_chunk_frames,

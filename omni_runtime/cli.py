@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,7 +116,7 @@ def generate(args: argparse.Namespace) -> None:
 
 def talker_sampling(seed: int | None) -> SamplingParams:
     """The reference's speech sampling, seeded with ``--seed`` (the code predictor then with seed + 1)."""
-    return SamplingParams(**{**DEFAULT_TALKER_SAMPLING.__dict__, "seed": seed})
+    return replace(DEFAULT_TALKER_SAMPLING, seed=seed)
 
 
 def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: dict, sampling: SamplingParams) -> None:
@@ -125,7 +126,7 @@ def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: di
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     count, decode = args.concurrency, model.decode if model.tokenizer else str
     seeds = [None if args.seed is None else args.seed + i for i in range(count)]
-    samplings = [SamplingParams(**{**sampling.__dict__, "seed": seed}) for seed in seeds]
+    samplings = [replace(sampling, seed=seed) for seed in seeds]
     text, audio, first_audio = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
     start = time.perf_counter()
     for index, event in model.stream_batch([inputs] * count, max_new_tokens=args.max_new_tokens,

@@ -35,6 +35,7 @@ class StreamEvent:
     text: str | None = None                              # their decoded text, when a tokenizer exists
     audio: torch.Tensor | None = None                    # new float32 samples at 24 kHz
     codes: torch.Tensor | None = None                    # the frames [16, n] those samples came from
+    finish_reason: str | None = None                     # on the thinker's last token's event: "eos" or "length"
 
 
 class StageTimer:
@@ -59,19 +60,26 @@ class StageTimer:
 
 
 class IncrementalText:
-    """Detokenizes a growing token sequence into text pieces that concatenate to the decode of the whole sequence:
-    a byte-level BPE token can end inside a UTF-8 character, so text is emitted only once it decodes completely."""
+    """Turns a growing token sequence into text pieces that concatenate to the decode of the whole sequence: a
+    byte-level BPE token can end inside a UTF-8 character, so text is emitted only once it decodes completely; the
+    last push (``final``) emits whatever is left, an incomplete character's replacement included.
+
+    Each push decodes a window, not the whole sequence (as vLLM's detokenizer does): the tokens from ``prefix`` on,
+    diffed against those from ``prefix`` to ``read`` (emitted already). The window starts one piece back because a
+    decoder may treat a decode's first token apart (drop its leading space)."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode, self.ids, self.emitted = decode, [], 0
+        self.decode, self.ids = decode, []
+        self.prefix = self.read = 0
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids: list[int], final: bool = False) -> str:
         self.ids += ids
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):   # an incomplete character: wait for the token that completes it
-            return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        emitted = self.decode(self.ids[self.prefix:self.read])
+        text = self.decode(self.ids[self.prefix:])
+        if len(text) <= len(emitted) or (text.endswith("\ufffd") and not final):
+            return ""   # nothing new, or an incomplete character: wait for the token that completes it
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(emitted):]
 
 
 class ThinkerStream:
@@ -130,18 +138,23 @@ ThinkerStart = tuple[torch.Tensor, PromptInputs, Sampler, set[int], int]   # ids
 
 def start_thinker_rows(runner, starts: list[ThinkerStart], capture_layer: int | None = None,
                        timer: StageTimer | None = None,
-                       whole_tokens: int | None = None) -> list[tuple[int, ThinkerStream | ChunkedPrefill]]:
+                       whole_tokens: int | None = None,
+                       forward_tokens: int | None = None) -> list[tuple[int, ThinkerStream | ChunkedPrefill]]:
     """New sequences of a batched thinker: each takes a free row -> [(row, its stream)]. Prompts of up to
     ``whole_tokens`` (default: the runner's ``prefill_tokens``) tokens prefill together now; a longer one gets a
     ``ChunkedPrefill`` instead, which the caller advances a chunk per tick and which gives the stream at its end. On
-    an error every row taken is given back."""
-    rows = [runner.acquire() for _ in starts]
+    an error every row taken is given back. ``forward_tokens``: padded tokens per prefill forward (default: the
+    runner's ``prefill_tokens``)."""
     timer = timer or StageTimer()
     limit = runner.prefill_tokens if whole_tokens is None else whole_tokens
     whole = [i for i, start in enumerate(starts) if start[1].positions.shape[-1] <= limit]
+    rows = []   # filled one by one: a row taken before an error is given back too
     try:
+        for _ in starts:
+            rows.append(runner.acquire())
         with timer("thinker prefill"):
-            prefilled = runner.prefill_many([rows[i] for i in whole], [starts[i][1] for i in whole], capture_layer)
+            prefilled = runner.prefill_many([rows[i] for i in whole], [starts[i][1] for i in whole], capture_layer,
+                                            forward_tokens)
     except BaseException:
         for row in rows:
             runner.release(row)
@@ -250,7 +263,7 @@ class SpeechSession:
 
     def _events(self) -> Iterator[StreamEvent]:
         opts, cfg = self.options, self.model.config.talker
-        yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS + 1)
+        yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS)   # the first generated token's row
         prefill = talker_prefill_embeds(self.model.talker, cfg, self.model.config.tokens, self.ids, self.prompt_embeds,
                                         self.thinker.prompt_hidden, self.text, opts.speaker_id)
         positions = talker_positions(self.ids, self.media, self.model.config, self.model.vision_encoder)
@@ -290,8 +303,13 @@ class SpeechSession:
             yield self._text_event(token)
 
     def _text_event(self, token: torch.Tensor) -> StreamEvent:
-        ids = [int(token)]
-        return StreamEvent(text_ids=ids, text=self.detokenizer.push(ids) if self.detokenizer else None)
+        return text_event(int(token), self.thinker, self.detokenizer)
+
+
+def text_event(value: int, thinker: ThinkerStream, detokenizer: IncrementalText | None) -> StreamEvent:
+    """The event of the token ``value`` that ``thinker`` just drew (with its finish reason when it was the last)."""
+    return StreamEvent(text_ids=[value], text=detokenizer.push([value], thinker.finished) if detokenizer else None,
+                       finish_reason=thinker.finish_reason)
 
 
 class PacketSchedule:
@@ -340,13 +358,10 @@ class AudioPackets(PacketSchedule):
         self.code2wav, self.timer = code2wav, timer
 
     def events(self, final: bool) -> Iterator[StreamEvent]:
-        """The packet due now (``final``: whatever is pending, then the stream's tail)."""
+        """The packet due now (``final``: whatever is pending). The stream holds nothing back: its pushes' samples
+        are all the audio (the last 555 samples would need a next frame, and the reference drops them too)."""
         codes = self.take(final)
         if codes is not None:
             with self.timer("code2wav"):
                 audio = self.code2wav.push(codes[None])[0, 0]
             yield StreamEvent(audio=audio, codes=codes)
-        if final and self.frames_sent:
-            tail = self.code2wav.flush()[0, 0]
-            if tail.numel():
-                yield StreamEvent(audio=tail)

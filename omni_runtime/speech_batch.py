@@ -10,15 +10,20 @@ packet an answer sends its frames on the engine's beat (ticks that are multiples
 that started at different ticks still decode together; its second packet may go out short for that, never late.
 
 A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
-requests admitted in one tick run together. A tick prefills what ``PrefillPacer`` allows: the thinker's
+requests admitted in one tick run together. A tick prefills what ``PrefillPacer`` allows: the engine's
 ``prefill_tokens`` at most, fewer when an answer already speaking has little audio in hand; a longer prompt prefills
 a chunk per tick (``ChunkedPrefill``), so a long audio or video prompt does not stall the answers already speaking.
-As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first two tokens and never
-waits for the whole text, and the first frame's predictor runs right after the talker's prefill; the answers that
-start speaking in the same tick prefill the talker as one padded forward and run their first predictors together. An
-answer keeps its thinker row until its text ends, its talker row until its speech ends and its Code2Wav row until its
-last packet is decoded. Every answer is the one the single-request pipeline gives its prompt: the same rows of text
-conditioning in the same order, its own samplers and seeds, its own codebook-0 history.
+As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first token (in the tick that
+draws it) and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill;
+the answers that start speaking in the same tick prefill the talker as one padded forward and run their first
+predictors together. An answer keeps its thinker row until its text ends, its talker row until its speech ends and
+its Code2Wav row until its last packet is decoded; the engine forgets a request once it is done or cancelled. Every
+answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in the same
+order, its own samplers and seeds, its own codebook-0 history.
+
+The engine drives the model's batched runners, whose rows, generators and histories it owns while it lives: it
+holds their lease (engine/lease.py) from its start to ``close()``, so a second engine (or a ``stream_batch`` or
+``generate_batch``) meanwhile is refused instead of corrupting its answers.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from omni_runtime.engine.code2wav_batch import Code2WavRows
+from omni_runtime.engine.lease import RunnerLease
 from omni_runtime.engine.prefill_pacer import PrefillPacer
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
@@ -38,7 +44,7 @@ from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.multimodal import MediaInputs, talker_positions
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
-                                   step_thinker_rows)
+                                   step_thinker_rows, text_event)
 from omni_runtime.sampling import Sampler
 
 
@@ -59,7 +65,7 @@ class SpokenAnswer:
     index: int
     request: SpeechRequest
     thinker: ThinkerStream | None
-    thinker_row: int
+    thinker_row: int | None                         # until its text ends
     talker_row: int | None
     code2wav_row: int | None
     prompt_embeds: torch.Tensor
@@ -85,17 +91,23 @@ class SpokenAnswer:
 
 class SpeechEngine:
     def __init__(self, model, thinker: BatchedThinkerRunner, talker: BatchedTalkerRunner, code2wav: Code2WavRows,
-                 timer: StageTimer | None = None):
+                 timer: StageTimer | None = None, lease: RunnerLease | None = None,
+                 prefill_tokens: int | None = None):
+        """``lease``: the batched runners' (taken now, released by ``close``); ``prefill_tokens``: prompt tokens
+        per prefill forward and tick at most (default: the thinker's)."""
         self.model, self.thinker_rows, self.talker_rows, self.code2wav_rows = model, thinker, talker, code2wav
         self.timer = timer or StageTimer(model.device)
-        self.requests: list[SpeechRequest] = []
-        self.waiting: list[int] = []                   # request ids, oldest first
+        self.waiting: dict[int, SpeechRequest] = {}    # request id -> request, oldest first
         self.live: list[SpokenAnswer] = []
-        self.finish_reasons: dict[int, str] = {}       # request id -> the thinker's finish reason, once known
+        self.lease = lease
+        self._hold()
+        self.prefill_tokens = prefill_tokens or thinker.prefill_tokens
+        self.next_id = 0
         self.ticks = 0
         self.pacer = PrefillPacer()
         self.prefill_budget = 0                        # prompt tokens this tick may still prefill
         self.prefill_seconds = 0.0                     # spent on prefill in this tick
+        self.chunk_advanced = False                    # whether a long prompt's chunk prefilled in this tick
 
     @property
     def busy(self) -> bool:
@@ -109,27 +121,28 @@ class SpeechEngine:
 
     def submit_request(self, request: SpeechRequest) -> int:
         """Queues a checked request (``OmniModel.speech_request``) -> its id."""
-        self.requests.append(request)
-        self.waiting.append(len(self.requests) - 1)
-        return len(self.requests) - 1
+        self._hold()
+        request_id, self.next_id = self.next_id, self.next_id + 1
+        self.waiting[request_id] = request
+        return request_id
 
     def cancel(self, request_id: int) -> None:
         """Drops a waiting or running request: its rows are free for the next tick; it yields nothing more."""
-        if request_id in self.waiting:
-            self.waiting.remove(request_id)
+        self.waiting.pop(request_id, None)
         for answer in [a for a in self.live if a.index == request_id]:
-            self._release_rows(answer)
-            self.live.remove(answer)
+            self._drop(answer)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, StreamEvent]]:
-        """One tick -> the (request id, event) pairs it made final, each request's in order."""
+        """One tick -> the (request id, event) pairs it made final, each request's in order. The event of an
+        answer's last text token carries its finish reason."""
+        self._hold()
         clock = self.pacer.clock
         start = clock()
         slacks = [s for s in (a.slack(start) for a in self.live) if s is not None]
         beat = max((a.request.options.chunk_frames for a in self.live), default=1)
-        self.prefill_budget = self.pacer.budget(slacks, self.thinker_rows.prefill_tokens, beat)
-        self.prefill_seconds = 0.0
+        self.prefill_budget = self.pacer.budget(slacks, self.prefill_tokens, beat)
+        self.prefill_seconds, self.chunk_advanced = 0.0, False
         self._admit()
         self._prefill_chunks()
         self._thinker_step()
@@ -137,14 +150,15 @@ class SpeechEngine:
         self._talker_starts()    # answers whose speech starts now: their first frame
         self._decode_packets()
         self.ticks += 1
-        waited = self.prefill_seconds == 0 and any(a.prefill is not None for a in self.live)
+        # A long prompt waited if no chunk of it ran, even when short prompts prefilled whole in this tick.
+        waited = not self.chunk_advanced and any(a.prefill is not None for a in self.live)
         self.pacer.record_tick(clock() - start - self.prefill_seconds, waited)
         out = []
         for answer in list(self.live):
             out += [(answer.index, event) for event in answer.events]
             answer.events.clear()
             if answer.speech_done and answer.thinker is not None and answer.thinker.finished:
-                self._retire(answer)
+                self._drop(answer)
         return out
 
     def events(self) -> Iterator[tuple[int, StreamEvent]]:
@@ -156,37 +170,45 @@ class SpeechEngine:
             self.close()
 
     def close(self) -> None:
-        """Drops every request, freeing all rows."""
-        for answer in self.live:
-            self._release_rows(answer)
-        self.live.clear()
+        """Drops every request, freeing all rows, and gives the batched runners back (a later ``submit`` or
+        ``step`` takes them again, if no one else has meanwhile)."""
+        for answer in list(self.live):
+            self._drop(answer)
         self.waiting.clear()
+        if self.lease is not None:
+            self.lease.release(self)
+
+    def __del__(self):   # an engine dropped without close(): its rows go back with the lease
+        self.close()
+
+    def _hold(self) -> None:
+        if self.lease is not None:
+            self.lease.take(self, "a SpeechEngine (close() it first)")
 
     def _admit(self) -> None:
         """Every waiting request that finds a free thinker row and a free talker row starts: their thinker prefills
         run together."""
-        indices = []
         free = min(self.thinker_rows.free_rows(), self.talker_rows.free_rows(), self.code2wav_rows.free_rows())
-        while self.waiting and len(indices) < free:
-            indices.append(self.waiting.pop(0))
-        requests, starts = [self.requests[i] for i in indices], []
+        indices = list(self.waiting)[:free]
+        requests, starts = [self.waiting.pop(i) for i in indices], []
         for n, (index, r) in enumerate(zip(indices, requests)):
             try:
                 starts.append((r.ids, self.model._build_prompt(index, r.ids, r.media), r.thinker_sampler, r.eos,
                                r.max_new_tokens))
             except ValueError:   # media that disagree with their placeholders: that request alone is dropped
-                self.waiting[:0] = indices[:n] + indices[n + 1:]
+                others = [(i, q) for i, q in zip(indices, requests) if i != index]
+                self.waiting = {**dict(others), **self.waiting}
                 raise
         if starts:
             self._start(indices, requests, starts)
 
     def _start(self, indices: list[int], requests: list[SpeechRequest], starts: list[tuple]) -> None:
         model, cfg = self.model, self.model.config
-        limit = max(self.prefill_budget, min(self.pacer.min_tokens, self.thinker_rows.prefill_tokens))
+        limit = max(self.prefill_budget, min(self.pacer.min_tokens, self.prefill_tokens))
         whole = [s for s in starts if s[1].positions.shape[-1] <= limit]
         with self._prefilling(sum(s[1].positions.shape[-1] for s in whole)):
             streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer,
-                                         whole_tokens=limit)
+                                         whole_tokens=limit, forward_tokens=self.prefill_tokens)
         decode = model.decode if model.tokenizer else None
         for index, request, (_, prompt, *_), (row, thinker) in zip(indices, requests, starts, streams):
             text = TextConditioner(model.talker, model.thinker.model.embed_tokens, cfg.tokens)
@@ -205,6 +227,7 @@ class SpeechEngine:
             return
         with self._prefilling(min(self.prefill_budget, sum(a.prefill.remaining for a in prefilling.values()))):
             finished = advance_prefills([a.prefill for a in prefilling.values()], self.prefill_budget)
+        self.chunk_advanced = True
         for prefill, stream in finished:
             answer = prefilling[id(prefill)]
             answer.thinker, answer.prefill = stream, None
@@ -226,30 +249,25 @@ class SpeechEngine:
         for row, token, value in step_thinker_rows(self.thinker_rows, {r: a.thinker for r, a in going.items()}):
             answer = going[row]
             answer.text.add_token(token, is_last=answer.thinker.finished)
-            ids = [value]
-            answer.events.append(StreamEvent(text_ids=ids,
-                                             text=answer.detokenizer.push(ids) if answer.detokenizer else None))
-            if answer.thinker.finished:
-                self.finish_reasons[answer.index] = answer.thinker.finish_reason
+            answer.events.append(text_event(value, answer.thinker, answer.detokenizer))
+            if answer.thinker.finished:   # nothing reads its cache any more (the talker has its text rows)
+                self.thinker_rows.release(row)
+                answer.thinker_row = None
 
     def _talker_starts(self) -> None:
-        """Prefills the talker of every answer whose text has reached the first frame's row (together, as one
-        padded forward); their first frames' predictors run together."""
+        """Prefills the talker of every answer whose text has reached the first frame's row, the first generated
+        token's (together, as one padded forward); their first frames' predictors run together. The answers change
+        only once all of it succeeded: after an error they start again in the next tick."""
         cfg, tokens = self.model.config.talker, self.model.config.tokens
-        starting = [a for a in self.live if not a.started and a.text.ready(ASSISTANT_TEXT_ROWS + 1)]
+        starting = [a for a in self.live
+                    if not a.started and a.thinker is not None and a.text.ready(ASSISTANT_TEXT_ROWS)]
         if not starting:
             return
-        embeds, positions = [], []
-        for answer in starting:
-            request = answer.request
-            embeds.append(talker_prefill_embeds(self.model.talker, cfg, tokens, request.ids, answer.prompt_embeds,
-                                                answer.thinker.prompt_hidden, answer.text,
-                                                request.options.speaker_id))
-            positions.append(talker_positions(request.ids, request.media, self.model.config,
-                                              self.model.vision_encoder))
-            answer.started = True
-            answer.prompt_embeds = None   # the prompt's embeddings and hidden states are needed no more
-            answer.thinker.prompt_hidden = None
+        embeds = [talker_prefill_embeds(self.model.talker, cfg, tokens, a.request.ids, a.prompt_embeds,
+                                        a.thinker.prompt_hidden, a.text, a.request.options.speaker_id)
+                  for a in starting]
+        positions = [talker_positions(a.request.ids, a.request.media, self.model.config, self.model.vision_encoder)
+                     for a in starting]
         with self.timer("talker prefill"):
             prefilled = self.talker_rows.prefill_many([a.talker_row for a in starting], embeds, positions)
         code0 = []
@@ -257,21 +275,19 @@ class SpeechEngine:
             opts = answer.request.options
             self.talker_rows.begin_answer(answer.talker_row, opts.talker_sampler, opts.predictor_sampler)
             code0.append(self.talker_rows.sample_code0(answer.talker_row, logits))
-        predicting = []
-        for answer, (_, hidden), code, value in zip(starting, prefilled, code0, torch.cat(code0).tolist()):
-            if answer.request.options.talker_max_new_tokens == 1 or value == cfg.codec_eos:
-                self._end_speech(answer)
-            else:
-                predicting.append((answer, hidden, code))
-        if not predicting:
-            return
-        answers = [a for a, _, _ in predicting]
-        with self.timer("code predictor"):
-            residuals, embeds = self.talker_rows.predict([a.talker_row for a in answers],
-                                                         torch.cat([h for _, h, _ in predicting]),
-                                                         torch.cat([c for _, _, c in predicting]))
-        for i, (answer, _, code) in enumerate(predicting):
-            self._add_frame(answer, torch.cat([code, residuals[i]]), embeds[i:i + 1])
+        speaking = [i for i, (a, value) in enumerate(zip(starting, torch.cat(code0).tolist()))
+                    if a.request.options.talker_max_new_tokens > 1 and value != cfg.codec_eos]
+        if speaking:
+            with self.timer("code predictor"):
+                residuals, frame_embeds = self.talker_rows.predict([starting[i].talker_row for i in speaking],
+                                                                   torch.cat([prefilled[i][1] for i in speaking]),
+                                                                   torch.cat([code0[i] for i in speaking]))
+        for answer in starting:   # the prompt's embeddings and hidden states are needed no more
+            answer.started, answer.prompt_embeds, answer.thinker.prompt_hidden = True, None, None
+        for n, i in enumerate(speaking):
+            self._add_frame(starting[i], torch.cat([code0[i], residuals[n]]), frame_embeds[n:n + 1])
+        for answer in [a for i, a in enumerate(starting) if i not in speaking]:   # no frame: its speech is over
+            self._end_speech(answer)
 
     def _talker_frames(self) -> None:
         """One frame of every speaking answer whose next text row is known."""
@@ -327,13 +343,11 @@ class SpeechEngine:
                 self.code2wav_rows.release(answer.code2wav_row)
                 answer.code2wav_row = None
 
-    def _retire(self, answer: SpokenAnswer) -> None:
-        self.thinker_rows.release(answer.thinker_row)
+    def _drop(self, answer: SpokenAnswer) -> None:
+        """The answer is done or cancelled: the rows it still holds are free, and the engine forgets it."""
+        for rows, row in ((self.thinker_rows, answer.thinker_row), (self.talker_rows, answer.talker_row),
+                          (self.code2wav_rows, answer.code2wav_row)):
+            if row is not None:
+                rows.release(row)
+        answer.thinker_row = answer.talker_row = answer.code2wav_row = None
         self.live.remove(answer)
-
-    def _release_rows(self, answer: SpokenAnswer) -> None:
-        self.thinker_rows.release(answer.thinker_row)
-        if answer.talker_row is not None:
-            self.talker_rows.release(answer.talker_row)
-        if answer.code2wav_row is not None:
-            self.code2wav_rows.release(answer.code2wav_row)

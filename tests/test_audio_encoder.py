@@ -163,6 +163,18 @@ def encode_both(ours, reference, lengths, seed=0):
     return actual, expected
 
 
+def test_position_table_is_each_encoders_own():
+    # a buffer of each encoder (made on the CPU even in a meta-device build), not a checkpoint tensor, not shared
+    cfg = AudioEncoderConfig.from_dict({"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
+                                        "encoder_ffn_dim": 64, "output_dim": 16, "downsample_hidden_size": 4})
+    with torch.device("meta"):
+        first, second = AudioEncoder(cfg), AudioEncoder(cfg)
+    assert first.positions.device.type == "cpu" and first.positions.shape == (cfg.max_source_positions, 32)
+    assert "positions" not in first.state_dict()
+    first.positions.zero_()
+    assert second.positions.abs().sum() > 0
+
+
 def test_audio_token_count():
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 

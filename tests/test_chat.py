@@ -318,3 +318,30 @@ def test_streamed_text_pieces_concatenate_to_the_full_decode(tokenizer):
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert len([p for p in pieces if p]) > 1       # it does stream
+
+
+def test_streamed_text_ends_with_what_a_cut_answer_holds(tokenizer):
+    # an answer cut by max_new_tokens inside a multi-byte character: the last push gives the rest, the incomplete
+    # character's replacement included, so the pieces still concatenate to the full decode
+    from omni_runtime.pipeline import IncrementalText
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    ids = tokenizer.encode("ok 世界").ids
+    cut = next(n for n in range(1, len(ids)) if decode(ids[:n]).endswith("\ufffd"))
+    stream = IncrementalText(decode)
+    pieces = [stream.push([i]) for i in ids[:cut - 1]] + [stream.push([ids[cut - 1]], final=True)]
+    assert "".join(pieces) == decode(ids[:cut]) and pieces[-1].endswith("\ufffd")
+
+
+def test_streamed_text_decodes_a_window_per_token(tokenizer):
+    # each push decodes the tokens since the last piece's window, not the whole answer: linear in its length
+    from omni_runtime.pipeline import IncrementalText
+    decoded = []
+
+    def decode(ids):
+        decoded.append(len(ids))
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    ids = tokenizer.encode(" ".join(["streaming text, wörds and 世界"] * 40)).ids
+    stream = IncrementalText(decode)
+    assert "".join(stream.push([i]) for i in ids) == tokenizer.decode(ids)
+    assert len(ids) > 300 and sum(decoded) < 8 * len(ids)

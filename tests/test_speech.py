@@ -1,5 +1,8 @@
 """Speech output: text, codes and waveform equal to transformers' generate (greedy talker), and streaming that
 concatenates to exactly what generate returns."""
+import gc
+from contextlib import closing
+
 import pytest
 import torch
 
@@ -119,7 +122,8 @@ def test_stream_concatenates_to_generate(model, first_chunk, chunk):
     assert torch.equal(torch.cat(codes, dim=1), full.codes)
     torch.testing.assert_close(torch.cat(audio), full.audio, atol=1e-5, rtol=0)
     assert audio[0].numel() == 1920 * first_chunk - 555
-    assert first_audio_at < len(full.text_ids)   # speech starts while the thinker still writes
+    # frame k needs the k-th generated token only: the first packet right after its last frame's token
+    assert first_audio_at == first_chunk < len(full.text_ids)
 
 
 def test_stopping_early_releases_everything(model):
@@ -153,8 +157,52 @@ def test_bad_speech_requests(model):
     with pytest.raises(ValueError, match="assistant"):
         model.generate(prompt[:, :-3], return_audio=True, talker_max_new_tokens=3)
     with pytest.raises(ValueError, match="chunk"):
-        next(model.stream(prompt, first_chunk_frames=0))
+        model.stream(prompt, first_chunk_frames=0)   # at the call, not at the first event
+    with pytest.raises(ValueError, match="talker's KV cache"):
+        model.stream(prompt, talker_max_new_tokens=10**6)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.stream(prompt, max_new_tokens=0, return_audio=False)
     assert len(model.generate(prompt, max_new_tokens=2).text_ids) == 2    # still works afterwards
+
+
+def test_bad_speech_requests_are_refused_before_any_work(model, monkeypatch):
+    calls = []
+    prefill = model.thinker_runner.prefill
+    monkeypatch.setattr(model.thinker_runner, "prefill", lambda *args: calls.append(1) or prefill(*args))
+    prompt = chat_prompt(0)
+    for kwargs in (dict(talker_max_new_tokens=10**6), dict(input_ids=prompt[:, :-3]), dict(speaker="nobody")):
+        with pytest.raises(ValueError):
+            model.generate(**{"input_ids": prompt, **kwargs}, return_audio=True)
+    assert not calls   # no encoder, no thinker prefill
+    model.generate(prompt, max_new_tokens=2, return_audio=True, talker_max_new_tokens=2)
+    assert calls == [1]
+
+
+def test_one_stream_at_a_time(model):
+    # the single-request runners hold one answer's state: a second stream, or generate(), while a stream is
+    # suspended is refused (it would reset the caches under it); closing or dropping the stream frees them
+    prompt = chat_prompt(3)
+    kwargs = dict(max_new_tokens=4, eos_token_id=IM_END, talker_max_new_tokens=5, talker_sampling=GREEDY_TALKER)
+    expected = ours(model, prompt, 4, 5)
+    for return_audio in (True, False):
+        # closing(): a failure here must not leave the runners held for the next tests
+        with closing(model.stream(prompt, return_audio=return_audio, **kwargs)) as first:
+            events = [next(first)]
+            second = model.stream(prompt, return_audio=return_audio, **kwargs)   # checked, not started
+            for use in (lambda: next(second), lambda: model.generate(prompt, max_new_tokens=2),
+                        lambda: model.generate(prompt, return_audio=True, talker_max_new_tokens=3)):
+                with pytest.raises(RuntimeError, match="single-request runners are in use by a stream.*stream_batch"):
+                    use()
+            events += list(first)                              # the first one is still its own answer
+        assert [t for e in events for t in e.text_ids] == expected.text_ids
+        if return_audio:
+            assert torch.equal(torch.cat([e.codes for e in events if e.codes is not None], dim=1), expected.codes)
+        assert [e.finish_reason for e in events if e.finish_reason] == [expected.finish_reason]
+    stream = model.stream(prompt, **kwargs)
+    next(stream)
+    del stream                                                 # collected: the runners are free again
+    gc.collect()
+    assert ours(model, prompt, 4, 5).text_ids == expected.text_ids
 
 
 def test_bf16_speech_codes_match_reference(speech_checkpoint):

@@ -2,6 +2,9 @@
 codes and waveform are the ones ``generate`` gives its prompt alone, with rows freed and refilled as answers end,
 per-prompt speakers and seeds, answers whose speech outlives their text and the other way round."""
 import contextlib
+import gc
+import itertools
+import weakref
 
 import pytest
 import torch
@@ -22,10 +25,13 @@ def model(reference_checkpoint):
 
 
 @pytest.fixture(autouse=True)
-def default_prefill_chunk(model):
+def close_engines(model):
+    """An engine a test left open (a failed test's frames keep it alive) is closed: the batched runners serve one
+    engine at a time, and the next test's must be able to take them."""
     yield
-    if model.batched_thinker is not None:   # a test that set speech_engine(prefill_tokens=...) leaves the default
-        model.batched_thinker.prefill_tokens = DEFAULT_PREFILL_TOKENS
+    engine = model.batched_lease.holder
+    if engine is not None:
+        engine.close()
 
 
 def prompts(count: int) -> list[torch.Tensor]:
@@ -226,6 +232,7 @@ def test_long_prompt_prefills_while_others_speak(model):
     kwargs = dict(max_new_tokens=12, eos_token_id=None, talker_max_new_tokens=16, talker_sampling=GREEDY_TALKER)
     expected = [alone(model, p, **kwargs) for p in (speaking, long)]
     engine = model.speech_engine(max_batch=2, prefill_tokens=10)
+    assert engine.prefill_tokens == 10 and model.batched_thinker.prefill_tokens == DEFAULT_PREFILL_TOKENS   # its own
     engine.pacer.clock = lambda: 0.0   # no time passes: the pacer always allows all 10 tokens
     events = {}
     first = engine.submit(speaking, **kwargs)
@@ -344,9 +351,7 @@ def test_engine_takes_requests_as_they_come_and_cancels(model):
     assert not any(model.batched_code2wav.live)
     with pytest.raises(ValueError, match="unknown speaker"):
         engine.submit(batch[0], speaker="nobody", talker_max_new_tokens=4)
-    with pytest.raises(ValueError, match="in use with max_batch=2"):
-        engine.submit(batch[0], **kwargs)
-        engine.step()
+    with pytest.raises(RuntimeError, match="in use by a SpeechEngine"):
         model.speech_engine(max_batch=3)
     engine.close()
     assert not any(model.batched_thinker.live) and not engine.busy
@@ -369,7 +374,8 @@ def test_engine_under_a_random_schedule(model, prefill_tokens):
     # requests of different lengths and settings arrive and are cancelled at random ticks over 3 rows (24: prompts
     # of 25..41 tokens prefill in chunks, some cancelled while they do): every answer that runs to its end is the
     # one its prompt gets alone, and the engine ends with every row free
-    rng = torch.Generator().manual_seed(5)
+    # seed 10: cancellations while waiting and while running (chunked: while prefilling), 4 answers to the end
+    rng = torch.Generator().manual_seed(10)
     pick = lambda n: int(torch.randint(n, (1,), generator=rng))  # noqa: E731
     requests = [(chat_prompt(i, user_len=5 + 3 * i),
                  dict(max_new_tokens=2 + pick(6), eos_token_id=IM_END, talker_max_new_tokens=2 + pick(10),
@@ -469,3 +475,164 @@ def test_batched_frame_graphs_replay_like_eager(reference_checkpoint):
         steps.clear()
         for g, e in zip(graphed, eager):
             assert g.text_ids == e.text_ids and torch.equal(g.codes, e.codes)
+
+
+def run_engine(engine, parts: dict[int, SpokenParts] | None = None, ticks: int = 200) -> dict[int, SpokenParts]:
+    """Steps until the engine is idle (at most ``ticks``: a stuck answer fails instead of hanging), gathering each
+    request's events."""
+    parts = {} if parts is None else parts
+    for _ in range(ticks):
+        if not engine.busy:
+            return parts
+        gather(parts, engine.step())
+    raise AssertionError(f"the engine is still busy after {ticks} ticks")
+
+
+def gather(parts: dict[int, SpokenParts], events) -> dict[int, SpokenParts]:
+    for rid, event in events:
+        parts.setdefault(rid, SpokenParts()).add(event)
+    return parts
+
+
+def output(parts: SpokenParts, model):
+    return parts.output(parts.finish_reason, 16, model.device)
+
+
+def test_speech_starts_in_the_tick_of_the_first_token(model):
+    # The talker's prefill needs the first generated token's row only: the first packet leaves in the tick that
+    # draws the first token, with no thinker step in between.
+    kwargs = dict(max_new_tokens=6, eos_token_id=IM_END, talker_max_new_tokens=8, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, chat_prompt(2), **kwargs)
+    engine = model.speech_engine(max_batch=2)
+    rid = engine.submit(chat_prompt(2), **kwargs)
+    parts = gather({}, engine.step())
+    assert len(parts[rid].text) == 1 and [c.shape[1] for c in parts[rid].codes] == [1]
+    assert_same_answers([output(run_engine(engine, parts)[rid], model)], [expected])
+
+
+def test_prompt_with_an_assistant_prefix_prefilled_in_chunks(model):
+    # A 103-token prompt whose assistant turn holds 3 tokens already (a user-supplied prefix) prefills in chunks of
+    # 64: its text rows are known before its thinker stream exists, and its talker waits for that stream.
+    prompt = torch.cat([chat_prompt(7, user_len=82), torch.tensor([[1000, 2000, 3000]])], dim=1)
+    kwargs = dict(max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=7, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, prompt, **kwargs)
+    engine = model.speech_engine(max_batch=2, prefill_tokens=64)
+    engine.pacer.clock = lambda: 0.0
+    rid = engine.submit(prompt, **kwargs)
+    parts = gather({}, engine.step())
+    assert engine.live[0].prefill is not None and engine.live[0].prefill.done == 64
+    assert_same_answers([output(run_engine(engine, parts)[rid], model)], [expected])
+
+
+def test_two_engines_on_the_batched_runners_are_refused(model):
+    kwargs = dict(max_new_tokens=3, eos_token_id=IM_END, talker_max_new_tokens=3, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=2)
+    engine.submit(chat_prompt(1), **kwargs)
+    engine.step()
+    for use in (lambda: model.speech_engine(max_batch=2), lambda: next(model.stream_batch([chat_prompt(2)], **kwargs)),
+                lambda: model.generate_batch([chat_prompt(2)], max_new_tokens=2)):
+        with pytest.raises(RuntimeError, match="batched runners are in use by a SpeechEngine.*one speech_engine"):
+            use()
+    engine.close()                                   # gives them back
+    other = model.speech_engine(max_batch=2)
+    with pytest.raises(RuntimeError, match="in use by a SpeechEngine"):
+        engine.submit(chat_prompt(1), **kwargs)      # a closed engine takes them again only when they are free
+    other.submit(chat_prompt(1), **kwargs)
+    other.step()
+    del other                                        # an engine dropped unclosed: its rows and the lease go back
+    gc.collect()
+    assert not any(model.batched_thinker.live) and not any(model.batched_talker.live)
+    stream = model.stream_batch([chat_prompt(2)], max_batch=2, **kwargs)
+    next(stream)
+    with pytest.raises(RuntimeError, match="in use by a SpeechEngine"):
+        model.speech_engine(max_batch=2)
+    stream.close()
+    assert len(model.generate_batch([chat_prompt(2)], max_new_tokens=2, max_batch=2)[0].text_ids) == 2
+
+
+class StarvingPacer(PrefillPacer):
+    """No budget (as when every speaking answer's slack is short) until a prompt has waited ``patience`` ticks."""
+
+    def budget(self, slacks, max_tokens, ticks_to_packet):
+        return min(self.min_tokens, max_tokens) if self.waited >= self.patience else 0
+
+
+def test_long_prompt_is_not_starved_by_short_ones(model):
+    # Short prompts (<= min_tokens) prefill whole in any tick; a long one waits for budget at most ``patience``
+    # ticks in a row, short prefills in those ticks or not.
+    long = chat_prompt(5, user_len=22)                                # 40 tokens: chunks of min_tokens 20
+    short = dict(max_new_tokens=2, eos_token_id=IM_END, talker_max_new_tokens=2, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=3)
+    clock = itertools.count(step=1e-3)
+    engine.pacer = StarvingPacer(min_tokens=20, patience=3, clock=lambda: next(clock))
+    engine.submit(long, **dict(short, max_new_tokens=4))
+    done = []
+    for tick in range(8):
+        if tick % 2 == 0:
+            engine.submit(chat_prompt(6, user_len=0), **short)       # 18 tokens: whole
+        engine.step()
+        long_answer = next(a for a in engine.live if a.index == 0)
+        done.append(long_answer.prefill.done if long_answer.prefill is not None else "decoding")
+    assert done == [0, 0, 0, 20, 20, 20, 20, "decoding"]
+    engine.close()
+
+
+def test_engine_keeps_nothing_of_a_finished_request(model):
+    # a long-running server: a request served or cancelled leaves no trace in the engine (ids, media, samplers),
+    # and the text's end frees its thinker row at once while its speech goes on
+    kwargs = dict(max_new_tokens=2, eos_token_id=None, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=2)
+    served = model.speech_request(chat_prompt(3), **kwargs)
+    cancelled = model.speech_request(chat_prompt(4), **kwargs)
+    refs = [weakref.ref(served), weakref.ref(cancelled)]
+    served_id, cancelled_id = engine.submit_request(served), engine.submit_request(cancelled)
+    engine.cancel(cancelled_id)
+    del served, cancelled
+    events = engine.step() + engine.step()
+    assert [e.finish_reason for _, e in events if e.text_ids] == [None, "length"]   # on the last token's event
+    assert [a.index for a in engine.live] == [served_id] and engine.live[0].thinker.finished
+    assert not any(model.batched_thinker.live) and any(model.batched_talker.live)   # text over, speech not
+    run_engine(engine)
+    gc.collect()
+    assert refs[0]() is None and refs[1]() is None and not engine.waiting and not engine.live
+    engine.close()
+
+
+def test_an_error_in_the_talker_prefill_leaves_the_answer_to_start_again(model, monkeypatch):
+    kwargs = dict(max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, chat_prompt(3), **kwargs)
+    engine = model.speech_engine(max_batch=2)
+    rid = engine.submit(chat_prompt(3), **kwargs)
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.talker_rows, "prefill_many", fail)
+    parts = {}
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for _ in range(3):   # the tick that starts the talker fails (its text event goes out with the next tick's)
+            gather(parts, engine.step())
+    monkeypatch.undo()
+    answer = engine.live[0]
+    assert not answer.started and answer.prompt_embeds is not None and answer.thinker.prompt_hidden is not None
+    assert_same_answers([output(run_engine(engine, parts)[rid], model)], [expected])
+    engine.close()
+
+
+def test_a_frame_step_keeps_only_the_runners_suppress_mask(model):
+    # a frame step captures its draws' masks: it is kept for the runner's mask, never for another one
+    from omni_runtime.engine.talker_batch import BatchedTalkerRunner
+    from omni_runtime.sampling import Sampler
+    cfg, cpu, single = model.config.talker, torch.device("cpu"), model.talker_runner
+    runner = BatchedTalkerRunner(model.talker, cfg, 2, 32, cpu, model.dtype, single.code0_suppress,
+                                 single.frame_weights)
+    hidden_size = cfg.text.hidden_size
+    greedy = SamplingParams(temperature=0.0)
+    with torch.inference_mode():
+        for mask, kept in ((single.code0_suppress.clone(), 0), (single.code0_suppress, 1)):
+            row = runner.acquire()
+            runner.prefill(row, torch.zeros(1, 4, hidden_size), torch.arange(4).view(1, 1, 4).expand(3, 1, 4))
+            runner.begin_answer(row, Sampler(greedy, cpu, mask), Sampler(greedy, cpu))
+            runner.frame([row], torch.zeros(1, 1, hidden_size))
+            assert len(runner.steps) == kept
+            runner.release(row)

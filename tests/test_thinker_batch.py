@@ -154,6 +154,20 @@ def test_bad_batches_are_named(model):
     assert len(model.generate_batch([good], max_new_tokens=2)[0].text_ids) == 2   # still works afterwards
 
 
+def test_rows_taken_for_a_failed_start_are_given_back(model):
+    # three sequences for two free rows: the start fails, and the rows it took are free again
+    from omni_runtime.multimodal import MediaInputs, build_prompt
+    from omni_runtime.pipeline import start_thinker_rows
+    from omni_runtime.sampling import Sampler
+    runner = BatchedThinkerRunner(model.thinker, model.config.thinker_text, 2, 64, model.device, model.dtype)
+    ids = chat_prompt(0)[0]
+    prompt = build_prompt(ids, MediaInputs(), model.config, model.thinker.model.embed_tokens, None, None)
+    start = (ids, prompt, Sampler(SamplingParams(temperature=0.0), model.device), {IM_END}, 4)
+    with pytest.raises(ValueError, match="all 2 rows"):
+        start_thinker_rows(runner, [start] * 3)
+    assert not any(runner.live)
+
+
 @pytest.mark.gpu
 def test_batch_step_graphs_replay_like_eager(reference_checkpoint):
     if not torch.cuda.is_available():

@@ -105,15 +105,18 @@ class BatchedRows(RowPool):
         self.lengths[row] = self.host_lengths[row] = length
         return ctx, CacheRows(state.cache.kv, slice(row, row + 1))
 
-    def prefill_groups(self, lengths: list[int], alone: set[int] = frozenset()) -> list[list[int]]:
+    def prefill_groups(self, lengths: list[int], alone: set[int] = frozenset(),
+                       forward_tokens: int | None = None) -> list[list[int]]:
         """Indices of prompts of ``lengths`` tokens in groups that prefill as one right-padded forward each, in
-        order, ``prefill_tokens`` padded tokens at most a group; those in ``alone`` each by itself."""
+        order, ``forward_tokens`` (default ``prefill_tokens``) padded tokens at most a group; those in ``alone``
+        each by itself."""
+        limit = self.prefill_tokens if forward_tokens is None else forward_tokens
         groups: list[list[int]] = []
         joinable: list[int] = []   # the group the next prompt may join
         for i, length in enumerate(lengths):
             if i in alone:
                 groups.append([i])
-            elif joinable and (len(joinable) + 1) * max(lengths[j] for j in joinable + [i]) <= self.prefill_tokens:
+            elif joinable and (len(joinable) + 1) * max(lengths[j] for j in joinable + [i]) <= limit:
                 joinable.append(i)
             else:
                 joinable = [i]

@@ -45,8 +45,8 @@ class BatchedTalkerRunner(BatchedRows):
     def __init__(self, talker: Talker, cfg: TalkerConfig, max_batch: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, code0_suppress: torch.Tensor, frame_weights: ok.PredictorWeights | None = None,
                  capture: bool = True):
-        """``code0_suppress``, ``frame_weights``: the single runner's (its codec-special mask; its predictor weights
-        for the one-call frame, on a CPU in fp32)."""
+        """``code0_suppress``, ``frame_weights``: the single runner's (its codec-special mask, the one frame steps
+        are kept for; its predictor weights for the one-call frame, on a CPU in fp32)."""
         super().__init__(cfg.text, max_batch, max_len, device, dtype, capture)
         self.talker, self.cfg, self.code0_suppress = talker, cfg, code0_suppress
         self.frame_weights = frame_weights
@@ -140,28 +140,37 @@ class BatchedTalkerRunner(BatchedRows):
 
     def _step(self, batch: int) -> BatchStepGraph:
         code0_draws, predictor_draws = self._bucket_draws(batch)
+        # A step captures its draws' suppress masks, so it is kept (and replayed) only for the runner's mask or none,
+        # as ``TalkerRunner._frame_graph``; a row with a mask of its own runs an eager step made for this frame.
+        if any(d.suppress is not None and d.suppress is not self.code0_suppress for d in code0_draws):
+            return self._frame_step(batch, code0_draws, predictor_draws, capture=False)
         key = (batch, *((d.params.warpers, d.suppress is None) for d in code0_draws),
                *(d.params.warpers for d in predictor_draws))
         if key not in self.steps:
-            kv = self.state.cache.kv
-
-            def frame(embeds: torch.Tensor, ctx: StepContext):
-                if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin over the rows
-                    hidden, logits = self.state.rows_in_one_call(embeds.view(batch, -1), self.step_weights, ctx)
-                    hidden = hidden.view(batch, 1, -1)
-                else:
-                    hidden = self.talker.model(embeds, ctx, CacheRows(kv, slice(0, batch)))    # [b, 1, H]
-                    logits = self.talker.codec_head(hidden)[:, -1].float()                     # [b, V]
-                seen = self.code0_seen[:batch]
-                code0 = draw_rows(code0_draws, logits, seen)                                   # [b]
-                seen.scatter_(1, code0.view(-1, 1), True)
-                return (code0, *self._predict(hidden, code0, predictor_draws))
-
-            generators = tuple(d.generator for d in (*code0_draws, *predictor_draws) if d.generator is not None)
-            like = torch.zeros(batch, 1, self.cfg.text.hidden_size, dtype=self.state.dtype, device=self.state.device)
-            self.steps[key] = BatchStepGraph(frame, self.state, like, batch, self.capture, generators=generators,
-                                             buffers=(self.code0_seen,))
+            self.steps[key] = self._frame_step(batch, code0_draws, predictor_draws, self.capture)
         return self.steps[key]
+
+    def _frame_step(self, batch: int, code0_draws: list[Sampler], predictor_draws: list[Sampler],
+                    capture: bool) -> BatchStepGraph:
+        """The static frame of rows 0..batch-1, drawing with these samplers."""
+        kv = self.state.cache.kv
+
+        def frame(embeds: torch.Tensor, ctx: StepContext):
+            if self.state.steps_in_one_call(self.step_weights):   # CPU: the C++ twin over the rows
+                hidden, logits = self.state.rows_in_one_call(embeds.view(batch, -1), self.step_weights, ctx)
+                hidden = hidden.view(batch, 1, -1)
+            else:
+                hidden = self.talker.model(embeds, ctx, CacheRows(kv, slice(0, batch)))    # [b, 1, H]
+                logits = self.talker.codec_head(hidden)[:, -1].float()                     # [b, V]
+            seen = self.code0_seen[:batch]
+            code0 = draw_rows(code0_draws, logits, seen)                                   # [b]
+            seen.scatter_(1, code0.view(-1, 1), True)
+            return (code0, *self._predict(hidden, code0, predictor_draws))
+
+        generators = tuple(d.generator for d in (*code0_draws, *predictor_draws) if d.generator is not None)
+        like = torch.zeros(batch, 1, self.cfg.text.hidden_size, dtype=self.state.dtype, device=self.state.device)
+        return BatchStepGraph(frame, self.state, like, batch, capture, generators=generators,
+                              buffers=(self.code0_seen,))
 
     def _predict(self, hidden: torch.Tensor, code0: torch.Tensor,
                  draws: list[Sampler]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -47,16 +47,16 @@ class BatchedThinkerRunner(BatchedRows):
                             deepstack_part(prompt.deepstack, start, end))
 
     @torch.inference_mode()
-    def prefill_many(self, rows: list[int], prompts: list[PromptInputs],
-                     capture_layer: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def prefill_many(self, rows: list[int], prompts: list[PromptInputs], capture_layer: int | None = None,
+                     forward_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The prompts of the sequences in ``rows`` -> what ``prefill`` returns for each, in their order. Prompts
-        are prefilled together (``prefill_padded``), ``prefill_tokens`` padded tokens at most per forward (a longer
-        prompt alone; the engines give those a ``ChunkedPrefill`` instead, pipeline.py): an MoE prefill reads every
-        expert's weights whatever its token count, so n prompts in one forward cost little more than one. Prompts
-        with DeepStack features (images, video) prefill alone."""
+        are prefilled together (``prefill_padded``), ``forward_tokens`` (default ``prefill_tokens``) padded tokens
+        at most per forward (a longer prompt alone; the engines give those a ``ChunkedPrefill`` instead,
+        pipeline.py): an MoE prefill reads every expert's weights whatever its token count, so n prompts in one
+        forward cost little more than one. Prompts with DeepStack features (images, video) prefill alone."""
         alone = {i for i, p in enumerate(prompts) if p.deepstack is not None}
         out: dict[int, tuple] = {}
-        for group in self.prefill_groups([p.positions.shape[-1] for p in prompts], alone):
+        for group in self.prefill_groups([p.positions.shape[-1] for p in prompts], alone, forward_tokens):
             if len(group) == 1:
                 out[group[0]] = self.prefill(rows[group[0]], prompts[group[0]], capture_layer)
                 continue

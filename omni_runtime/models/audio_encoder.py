@@ -12,7 +12,6 @@ h heads, hd head_dim, O output_dim.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -90,13 +89,12 @@ def _split(total: int, size: int) -> list[int]:
     return [size] * (total // size) + ([total % size] if total % size else [])
 
 
-@functools.cache
 def _sinusoid_table(length: int, channels: int) -> torch.Tensor:
-    # The reference's fp32 table, evaluated on CPU over the same [length, channels/2] shape: sin/cos of another
-    # shape or device can round differently in the last bit.
+    # The reference's fp32 table, evaluated on CPU over the same [length, channels/2] shape (even inside a meta-device
+    # build): sin/cos of another shape or device can round differently in the last bit.
     log_timescale_increment = np.log(10000) / (channels // 2 - 1)
-    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2).float())
-    scaled_time = torch.arange(length)[:, np.newaxis] * inv_timescales[np.newaxis, :]
+    inv_timescales = torch.exp(-log_timescale_increment * torch.arange(channels // 2, device="cpu").float())
+    scaled_time = torch.arange(length, device="cpu")[:, np.newaxis] * inv_timescales[np.newaxis, :]
     return torch.cat([torch.sin(scaled_time), torch.cos(scaled_time)], dim=1)   # [length, D]
 
 
@@ -164,6 +162,8 @@ class AudioEncoder(nn.Module):
         self.ln_post = nn.LayerNorm(d)
         self.proj1 = nn.Linear(d, d)
         self.proj2 = nn.Linear(d, cfg.output_dim)
+        # each encoder's own table (not a checkpoint tensor), fp32 on the CPU until the module is moved
+        self.register_buffer("positions", _sinusoid_table(cfg.max_source_positions, d), persistent=False)
 
     def forward(self, features: torch.Tensor | Sequence[torch.Tensor],
                 lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
@@ -196,8 +196,7 @@ class AudioEncoder(nn.Module):
         x = F.gelu(self.conv2d3(F.gelu(self.conv2d2(F.gelu(self.conv2d1(x))))))          # [C, Dc, M', L']
         C, Dc, mel_out, frames_out = x.shape
         x = self.conv_out(x.permute(0, 3, 1, 2).reshape(C, frames_out, Dc * mel_out))      # [C, L', D]
-        positions = _sinusoid_table(self.cfg.max_source_positions, self.cfg.d_model)[:frames_out]  # per chunk
-        x = x + positions.to(device=x.device, dtype=x.dtype)
+        x = x + self.positions[:frames_out].to(device=x.device, dtype=x.dtype)                  # per chunk
         valid = torch.arange(frames_out) < torch.tensor(token_lens)[:, None]              # [C, L']
         return x[valid.to(x.device)]
 

@@ -6,8 +6,6 @@ one audio no padding). The torch ops mirror transformers' torch path so that the
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
@@ -49,8 +47,8 @@ def mel_filter_bank(num_frequency_bins: int = N_FFT // 2 + 1, num_mel_filters: i
     return filters * (2.0 / (filter_freqs[2:num_mel_filters + 2] - filter_freqs[:num_mel_filters]))[None, :]
 
 
-@functools.cache
 def _mel_filters_t(device: torch.device) -> torch.Tensor:
+    # a fresh tensor per call (under a millisecond): nothing shared that a caller could modify
     return torch.from_numpy(mel_filter_bank()).to(device, torch.float32).T    # [mels, bins]
 
 
