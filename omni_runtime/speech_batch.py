@@ -96,7 +96,7 @@ class SpeechEngine:
         """``lease``: the batched runners' (taken now, released by ``close``); ``prefill_tokens``: prompt tokens
         per prefill forward and tick at most (default: the thinker's)."""
         self.model, self.thinker_rows, self.talker_rows, self.code2wav_rows = model, thinker, talker, code2wav
-        self.timer = timer or StageTimer(model.device)
+        self.timer = timer or StageTimer()   # StageTimer(model.device) to time the stages on a GPU (it syncs)
         self.waiting: dict[int, SpeechRequest] = {}    # request id -> request, oldest first
         self.live: list[SpokenAnswer] = []
         self.lease = lease
@@ -181,6 +181,10 @@ class SpeechEngine:
     def __del__(self):   # an engine dropped without close(): its rows go back with the lease
         self.close()
 
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
     def _hold(self) -> None:
         if self.lease is not None:
             self.lease.take(self, "a SpeechEngine (close() it first)")
@@ -234,9 +238,12 @@ class SpeechEngine:
 
     @contextmanager
     def _prefilling(self, tokens: int):
-        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget."""
+        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget. On a GPU
+        the host runs ahead of the kernels: the pacer needs their time, so it waits for them at both ends."""
+        self._sync()
         start = self.pacer.clock()
         yield
+        self._sync()
         seconds = self.pacer.clock() - start
         self.prefill_seconds += seconds
         self.prefill_budget -= tokens
