@@ -12,7 +12,10 @@ that started at different ticks still decode together; its second packet may go 
 A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
 requests admitted in one tick run together. A tick prefills what ``PrefillPacer`` allows: the engine's
 ``prefill_tokens`` at most, fewer when an answer already speaking has little audio in hand; a longer prompt prefills
-a chunk per tick (``ChunkedPrefill``), so a long audio or video prompt does not stall the answers already speaking.
+a chunk per tick (``ChunkedPrefill``), so a long prompt's thinker prefill does not stall the answers already
+speaking. Not paced yet: a request's audio/vision encoders run whole at admission, and its talker prefill (the user
+turn plus 9 rows) runs whole when it starts speaking.
+
 As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first token (in the tick that
 draws it) and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill;
 the answers that start speaking in the same tick prefill the talker as one padded forward and run their first
