@@ -41,6 +41,7 @@ DEFAULT_TALKER_MAX_NEW_TOKENS = 4096
 # history; the code predictor samples with top-k 50, top-p 0.8 (both greedy when the talker is greedy).
 DEFAULT_TALKER_SAMPLING = SamplingParams(temperature=0.9, top_k=50, repetition_penalty=1.05)
 DEFAULT_PREDICTOR_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.8)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -108,11 +109,11 @@ class OmniModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> OmniModel:
-        """Load a Qwen3-Omni checkpoint folder (config.json + safetensors). ``max_seq_len`` sizes the thinker's KV
-        cache (default: the model's maximum position or 8192, whichever is smaller); the talker's holds that plus
-        4096 frames."""
-        device = torch.device(device)
+                        dtype: torch.dtype | str = torch.float32, max_seq_len: int | None = None) -> OmniModel:
+        """Load a Qwen3-Omni checkpoint folder (config.json + safetensors). ``dtype``: a floating-point torch dtype
+        or its name ("float32", "bfloat16", "float16"). ``max_seq_len`` sizes the thinker's KV cache (default: the
+        model's maximum position or 8192, whichever is smaller); the talker's holds that plus 4096 frames."""
+        device, dtype = _check_device_dtype(device, dtype)
         config = OmniConfig.from_pretrained(path)
         limit = config.thinker_text.max_position_embeddings
         if max_seq_len is not None and not 1 <= max_seq_len <= limit:
@@ -129,13 +130,13 @@ class OmniModel:
         return cls(config, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
 
     @classmethod
-    def random(cls, config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    def random(cls, config: dict, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                seed: int = 0, max_seq_len: int | None = None) -> OmniModel:
         """A model with random weights built straight on ``device`` from a ``config.json``-shaped dict (no
         checkpoint, no encoders): the built-in demo model, and full-size benchmarks (``demo.RELEASED_CONFIG``)."""
         from omni_runtime.demo import random_module
 
-        device = torch.device(device)
+        device, dtype = _check_device_dtype(device, dtype)
         parsed = OmniConfig.from_dict(config)
         generator = torch.Generator(device=device).manual_seed(seed)
         modules = {name: random_module(build, dtype, device, generator).eval().requires_grad_(False)
@@ -223,7 +224,8 @@ class OmniModel:
             for index, event in self._speak_batch(requests, max_batch):
                 parts[index].add(event)
             return [p.output(p.finish_reason, self.config.talker.num_code_groups, self.device) for p in parts]
-        samplings = _per_prompt(thinker_sampling, len(prompts), "thinker_sampling")
+        samplings = [_check_sampling(s, "thinker_sampling")
+                     for s in _per_prompt(thinker_sampling, len(prompts), "thinker_sampling")]
         checked = self._check_prompts(prompts, max_new_tokens)
         eos = self._eos_ids(eos_token_id)
         with self.batched_lease.held("generate_batch()"):
@@ -290,13 +292,13 @@ class OmniModel:
     def _speak_batch(self, requests: list[SpeechRequest], max_batch: int,
                      timer: StageTimer | None = None) -> Iterator[tuple[int, StreamEvent]]:
         """The events of checked requests spoken together, each named by its index."""
-        engine = self.speech_engine(max_batch, timer)
+        engine = self.speech_engine(max_batch, timer=timer)
         for request in requests:
             engine.submit_request(request)
         yield from engine.events()
 
-    def speech_engine(self, max_batch: int = 8, timer: StageTimer | None = None,
-                      prefill_tokens: int | None = None) -> SpeechEngine:
+    def speech_engine(self, max_batch: int = 8, *, prefill_tokens: int | None = None,
+                      timer: StageTimer | None = None) -> SpeechEngine:
         """A server's loop for spoken answers (speech_batch.py): ``engine.submit(prompt, **options)`` queues a
         request whenever one arrives (options as :meth:`stream` takes them) and returns its id; each
         ``engine.step()`` runs one tick over up to ``max_batch`` live answers and returns the ``(id, event)`` pairs
@@ -483,7 +485,7 @@ class OmniModel:
         return thinker, prompt.embeds
 
     def _thinker_sampler(self, sampling: SamplingParams | None) -> Sampler:
-        return Sampler(sampling or SamplingParams(temperature=0.0), self.device)
+        return Sampler(_check_sampling(sampling, "thinker_sampling") or SamplingParams(temperature=0.0), self.device)
 
     def _require_talker(self) -> None:
         if self.talker is None:
@@ -495,7 +497,8 @@ class OmniModel:
         speaker_id = self.config.talker.speaker_id(speaker)
         if talker_max_new_tokens < 1:
             raise ValueError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
-        talker_sampling = talker_sampling or DEFAULT_TALKER_SAMPLING
+        talker_sampling = _check_sampling(talker_sampling, "talker_sampling") or DEFAULT_TALKER_SAMPLING
+        predictor_sampling = _check_sampling(predictor_sampling, "code_predictor_sampling")
         if predictor_sampling is None:
             predictor_sampling = talker_sampling if talker_sampling.greedy else DEFAULT_PREDICTOR_SAMPLING
             if talker_sampling.seed is not None:
@@ -512,7 +515,13 @@ class OmniModel:
                              f"exceeds the {max_len} positions of the talker's KV cache")
 
     def _check_prompt(self, input_ids, max_new_tokens: int, max_len: int | None = None) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids)
+        try:
+            ids = None if isinstance(input_ids, (str, bytes, dict)) else torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        if ids is None:
+            raise ValueError(f"input_ids must be token ids (a tensor or a list of ints), got "
+                             f"{type(input_ids).__name__}; use prepare() for text/chat messages")
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() != 1:
@@ -538,6 +547,30 @@ class OmniModel:
         if eos_token_id is None:
             return set(self.config.eos_token_ids)
         return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+
+def _check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
+    """``from_pretrained``/``random``'s device and dtype, checked before any work: a ValueError names a bad one."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available (torch {torch.__version__}"
+                         f"{', built without CUDA' if torch.version.cuda is None else ', no GPU visible'})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating-point torch dtype or one of {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def _check_sampling(sampling, name: str) -> SamplingParams | None:
+    if sampling is not None and not isinstance(sampling, SamplingParams):
+        raise ValueError(f"{name} must be a SamplingParams (e.g. SamplingParams(temperature=0.5)) or None, got "
+                         f"{type(sampling).__name__}")
+    return sampling
 
 
 def _check_idle(runner) -> None:

@@ -1,4 +1,4 @@
-"""Command line: ``omni-runtime generate``. Without ``--model`` it runs the built-in small random model."""
+"""Command line: omni-runtime generate. Without --model it runs the built-in small random model."""
 from __future__ import annotations
 
 import argparse
@@ -9,52 +9,102 @@ from pathlib import Path
 
 import torch
 
-from omni_runtime.api import DEFAULT_TALKER_SAMPLING, SAMPLE_RATE, OmniModel
+from omni_runtime.api import DEFAULT_TALKER_SAMPLING, DTYPES, SAMPLE_RATE, OmniModel
 from omni_runtime.demo import demo_checkpoint
+from omni_runtime.engine.lease import RunnerBusyError
 from omni_runtime.pipeline import TALKER_STAGES, StageTimer
 from omni_runtime.sampling import SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def token_ids(value: str) -> list[int]:
+    """``--ids``: comma-separated integers."""
+    try:
+        return [int(i) for i in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integer token ids, got {value!r}") from None
+
+
+def audio_path(value: str) -> Path:
+    """``--out``: a file in an existing folder, with an extension soundfile writes (checked before any work)."""
+    import soundfile
+
+    path, formats = Path(value), soundfile.available_formats()
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: the folder {path.parent} does not exist")
+    if path.suffix[1:].upper() not in formats:
+        raise argparse.ArgumentTypeError(f"{path}: not an audio file extension soundfile writes "
+                                         f"({', '.join('.' + f.lower() for f in formats)})")
+    return path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, unless it is None, False or empty."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="omni-runtime", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="answer one prompt, in text and (with --out) speech")
+    gen = commands.add_parser("generate", help="answer one prompt, in text and (with --out) speech",
+                              description="Answer one prompt, in text and (with --out) speech.",
+                              formatter_class=HelpFormatter)
     gen.add_argument("--model", type=Path, help="checkpoint folder (default: the built-in small random model)")
     source = gen.add_mutually_exclusive_group()
-    source.add_argument("--text", default="Hello! Who are you?",
-                        help="user message; without a tokenizer.json its UTF-8 bytes become the token ids")
-    source.add_argument("--ids", help="comma-separated prompt token ids, used as they are")
+    source.add_argument("--text", default="Hello! Who are you?", help="the user message, in the chat template; "
+                        "needs the checkpoint's tokenizer.json (the built-in model takes its UTF-8 bytes as ids)")
+    source.add_argument("--ids", type=token_ids,
+                        help="comma-separated prompt token ids, used as given (no chat template): for speech they "
+                        "must open the assistant turn, <|im_start|>assistant\\n, as --text's prompt does")
     gen.add_argument("--audio", type=Path, action="append", default=[], help="an audio file to hear (repeatable)")
     gen.add_argument("--image", type=Path, action="append", default=[], help="an image file to see (repeatable)")
-    gen.add_argument("--out", type=Path, help="write the spoken answer to this wav file")
-    gen.add_argument("--speaker", default="ethan")
+    gen.add_argument("--out", type=audio_path,
+                     help="write the spoken answer to this audio file (.wav, .flac, ...); without it, text only")
+    gen.add_argument("--speaker", default="ethan", help="the voice: one of the checkpoint's speakers")
     gen.add_argument("--stream", action="store_true", help="print the text as it streams")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--talker-max-new-tokens", type=int, default=512)
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=DTYPES, default="float32")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="most text tokens to generate")
+    gen.add_argument("--talker-max-new-tokens", type=int, default=512, help="most speech frames (12.5 per second)")
+    gen.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weight and activation dtype")
     gen.add_argument("--temperature", type=float, default=0.0, help="thinker temperature (0 = greedy)")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, help="seeds the thinker's and the talker's draws (answer i: seed + i)")
+    gen.add_argument("--top-k", type=int, default=0, help="thinker top-k sampling (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="thinker top-p sampling (1 = off)")
+    gen.add_argument("--seed", type=int,
+                     help="seeds the thinker's and the talker's draws (answer i: seed + i; default: unseeded)")
     gen.add_argument("--concurrency", type=int, default=1,
                      help="speak N answers to the prompt at once (batched; --out x.wav writes x-0.wav ...)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ids is not None and (args.audio or args.image):
+        gen.error("--audio and --image need --text: --ids is the whole prompt, used as given")
+    return args
 
 
 def prompt_inputs(model: OmniModel, args: argparse.Namespace) -> dict:
     """The user turn (media first, then the text) as generate's keyword arguments."""
-    if args.ids:
-        return {"input_ids": [int(i) for i in args.ids.split(",")]}
+    if args.ids is not None:
+        return {"input_ids": args.ids}
     parts = [{"type": "audio", "audio": path} for path in args.audio]
     parts += [{"type": "image", "image": path} for path in args.image]
-    if model.tokenizer is not None:
-        parts.append({"type": "text", "text": args.text})
-    else:  # the built-in model has no tokenizer: its "text" is the message's UTF-8 bytes
+    if model.tokenizer is None and args.model is None:  # the built-in model's "text" is the message's UTF-8 bytes
         parts.append({"type": "text_ids", "ids": list(args.text.encode("utf-8"))})
+    elif model.tokenizer is None:   # the prompt fails either way: bad media first, as prepare() reports them
+        if parts:
+            model.prepare([{"role": "user", "content": parts}])
+        raise ValueError(f"--text needs the checkpoint's tokenizer.json and {args.model} has none: add it, or give "
+                         "the prompt as --ids")
+    else:
+        parts.append({"type": "text", "text": args.text})
     return model.prepare([{"role": "user", "content": parts}])
+
+
+def write_audio(path: Path, chunks: list[torch.Tensor]) -> None:
+    import soundfile
+
+    try:
+        soundfile.write(path, torch.cat(chunks).cpu().numpy() if chunks else [], SAMPLE_RATE)
+    except soundfile.SoundFileError as e:   # a RuntimeError, not an OSError
+        raise OSError(f"--out: cannot write {path}: {e}") from None
 
 
 def latency_table(start: float, first_text: float | None, first_audio: float | None, end: float, tokens: int,
@@ -78,7 +128,7 @@ def latency_table(start: float, first_text: float | None, first_audio: float | N
 
 def generate(args: argparse.Namespace) -> None:
     folder = args.model or demo_checkpoint()
-    model = OmniModel.from_pretrained(folder, device=args.device, dtype=DTYPES[args.dtype])
+    model = OmniModel.from_pretrained(folder, device=args.device, dtype=args.dtype)
     decode = model.decode if model.tokenizer else str
     inputs = prompt_inputs(model, args)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -108,8 +158,7 @@ def generate(args: argparse.Namespace) -> None:
     print(("\n" if args.stream else "") + f"answer: {decode(text)}")
     samples = sum(a.numel() for a in audio)
     if speak:
-        import soundfile
-        soundfile.write(args.out, torch.cat(audio).cpu().numpy() if audio else [], SAMPLE_RATE)
+        write_audio(args.out, audio)
         print(f"wrote {args.out}: {samples / SAMPLE_RATE:.2f} s of audio, {codes} frames")
     print(latency_table(start, first_text, first_audio, end, len(text), codes, samples, timer))
 
@@ -142,9 +191,8 @@ def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: di
     for index in range(count):
         print(f"answer {index}: {decode(text[index])}")
         if args.out is not None:
-            import soundfile
             path = args.out.with_name(f"{args.out.stem}-{index}{args.out.suffix}")
-            soundfile.write(path, torch.cat(audio[index]).cpu().numpy() if audio[index] else [], SAMPLE_RATE)
+            write_audio(path, audio[index])
             print(f"wrote {path}: {seconds[index]:.2f} s of audio")
     packets = sorted(t for t in first_audio if t is not None)
     line = f"concurrency {count}: {1e3 * wall:.0f} ms in all"
@@ -159,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         generate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, RunnerBusyError) as e:
         print(f"omni-runtime: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,5 +1,6 @@
 """Bad checkpoints and bad requests get an error that names the problem, and nothing else breaks."""
 import json
+import re
 import shutil
 
 import pytest
@@ -134,3 +135,58 @@ def test_audio_output_without_a_talker_is_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="return_audio=True needs a checkpoint with a talker"):
         model.generate([1, 2, 3], max_new_tokens=2, return_audio=True)
     assert len(model.generate([1, 2, 3], max_new_tokens=2).text_ids) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "tpu"}, "device='tpu' is not a torch device"),
+    ({"device": "cuda"}, "device='cuda' but CUDA is not available"),
+    ({"device": "cuda:7"}, "device='cuda:7' but"),
+    ({"dtype": torch.int8}, "dtype=torch.int8 must be a floating-point torch dtype"),
+    ({"dtype": "int8"}, "dtype='int8' must be a floating-point torch dtype or one of float32, bfloat16, float16"),
+])
+def test_bad_device_or_dtype_is_named_before_loading(kwargs, message, monkeypatch):
+    from omni_runtime.demo import DEMO_CONFIG
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OmniModel.from_pretrained("never-read", **kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OmniModel.random(DEMO_CONFIG, **kwargs)
+
+
+def test_dtype_by_name(reference_checkpoint):
+    folder, _ = reference_checkpoint()
+    model = OmniModel.from_pretrained(folder, dtype="bfloat16", max_seq_len=16)
+    assert model.dtype == torch.bfloat16 and model.thinker.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("ids", ["hello", b"hi", {"role": "user"}, ["a", "b"]])
+def test_text_instead_of_ids_points_to_prepare(model, ids):
+    with pytest.raises(ValueError, match=r"input_ids must be token ids \(a tensor or a list of ints\).*prepare\(\)"):
+        model.generate(ids, max_new_tokens=2)
+
+
+def test_sampling_must_be_sampling_params(model):
+    loose = {"temperature": 0.5}
+    with pytest.raises(ValueError, match="thinker_sampling must be a SamplingParams"):
+        model.generate([1, 2, 3], max_new_tokens=2, thinker_sampling=loose)
+    with pytest.raises(ValueError, match="thinker_sampling must be a SamplingParams"):
+        model.generate_batch([[1, 2, 3]], max_new_tokens=2, thinker_sampling=loose)
+    for name in ("talker_sampling", "code_predictor_sampling"):
+        with pytest.raises(ValueError, match=f"{name} must be a SamplingParams"):
+            model.generate([1, 2, 3], max_new_tokens=2, return_audio=True, **{name: loose})
+    assert len(model.generate([1, 2, 3], max_new_tokens=2).text_ids) == 2
+
+
+def test_busy_runners_raise_runner_busy_error(model):
+    from omni_runtime.engine.lease import RunnerBusyError
+    stream = model.stream([1, 2, 3], max_new_tokens=3, return_audio=False)
+    next(stream)
+    with pytest.raises(RunnerBusyError, match="in use by a stream"):
+        model.generate([1, 2, 3], max_new_tokens=2)
+    stream.close()
+    assert len(model.generate([1, 2, 3], max_new_tokens=2).text_ids) == 2
+
+
+def test_speech_engine_options_are_keyword_only(model):
+    with pytest.raises(TypeError):
+        model.speech_engine(2, 16)

@@ -1,7 +1,11 @@
 """The command line on a checkpoint folder: text, a wav file, the latency table, and clear errors."""
+import pytest
 import soundfile
+import torch
 
+from omni_runtime import cli
 from omni_runtime.cli import main
+from omni_runtime.engine.lease import RunnerBusyError
 
 
 def test_generate_writes_speech_and_prints_latencies(reference_checkpoint, tmp_path, capsys):
@@ -43,3 +47,68 @@ def test_concurrent_answers(reference_checkpoint, tmp_path, capsys):
     assert answers[0][0].shape == single.shape and abs(answers[0][0] - single).max() < 1e-4
     assert main(args + ["--concurrency", "0"]) == 2
     assert "--concurrency must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--ids", ""], "argument --ids: expected comma-separated integer token ids, got ''"),
+    (["--ids", "1,a"], "argument --ids: expected comma-separated integer token ids, got '1,a'"),
+    (["--ids", "1,2", "--audio", "a.wav"], "--audio and --image need --text"),
+    (["--out", "missing/x.wav"], "argument --out: missing/x.wav: the folder missing does not exist"),
+    (["--out", "x.foo"], "argument --out: x.foo: not an audio file extension"),
+])
+def test_bad_options_are_refused_before_any_work(options, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", "never-loaded", *options])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_extension_is_case_insensitive_and_unwritable_out_is_one_line(reference_checkpoint, tmp_path, capsys):
+    folder, _ = reference_checkpoint()
+    prompt = "151644,872,198,1000,151645,198,151644,77091,198"
+    args = ["generate", "--model", str(folder), "--ids", prompt, "--max-new-tokens", "2", "--talker-max-new-tokens",
+            "3", "--out"]
+    assert main(args + [str(tmp_path / "reply.FLAC")]) == 0 and soundfile.read(tmp_path / "reply.FLAC")[1] == 24000
+    (tmp_path / "taken.wav").mkdir()   # a folder where the file should go: the write fails
+    assert main(args + [str(tmp_path / "taken.wav")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("omni-runtime: error: --out: cannot write") and err.count("\n") == 1
+
+
+def test_bad_device_is_named(monkeypatch, capsys):
+    assert main(["generate", "--device", "tpu"]) == 2
+    assert "omni-runtime: error: device='tpu' is not a torch device" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--device", "cuda"]) == 2
+    assert f"device='cuda' but CUDA is not available (torch {torch.__version__}" in capsys.readouterr().err
+
+
+def test_text_without_tokenizer_needs_ids_unless_built_in(reference_checkpoint, capsys):
+    folder, _ = reference_checkpoint()   # no tokenizer.json
+    assert main(["generate", "--model", str(folder), "--text", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "--text needs the checkpoint's tokenizer.json" in err and "--ids" in err
+    assert main(["generate", "--text", "hi", "--max-new-tokens", "2"]) == 0   # the built-in model: UTF-8 bytes
+
+
+def test_busy_runners_are_reported(monkeypatch, capsys):
+    def busy(args):
+        raise RunnerBusyError("the runners are in use by generate()")
+    monkeypatch.setattr(cli, "generate", busy)
+    assert main(["generate"]) == 2
+    assert capsys.readouterr().err == "omni-runtime: error: the runners are in use by generate()\n"
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--max-new-tokens MAX_NEW_TOKENS most text tokens to generate (default: 32)",
+                  "--talker-max-new-tokens TALKER_MAX_NEW_TOKENS most speech frames", "(default: 512)",
+                  "--speaker SPEAKER the voice: one of the checkpoint's speakers (default: ethan)",
+                  "--device DEVICE torch device", "(default: cpu)", "--dtype {float32,bfloat16,float16} weight",
+                  "--top-k TOP_K thinker top-k", "--top-p TOP_P thinker top-p", "<|im_start|>assistant\\n"):
+        assert shown in text
+    assert "(default: None)" not in text and "``" not in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out

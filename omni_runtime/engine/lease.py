@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+class RunnerBusyError(RuntimeError):
+    """The runners are in use by another user (a stream, a batch or an engine not yet finished or closed)."""
+
+
 class RunnerLease:
     def __init__(self, runners: str, advice: str):
         """``runners``: what the lease guards, ``advice``: what to do instead (both for the error)."""
@@ -25,13 +29,13 @@ class RunnerLease:
         return None if self._holder is None else self._holder()
 
     def check(self, holder: object | None = None) -> None:
-        """A RuntimeError when someone other than ``holder`` holds the lease."""
+        """A RunnerBusyError when someone other than ``holder`` holds the lease."""
         current = self.holder
         if current is not None and current is not holder:
-            raise RuntimeError(f"the model's {self.runners} are in use by {self._holder_name}: {self.advice}")
+            raise RunnerBusyError(f"the model's {self.runners} are in use by {self._holder_name}: {self.advice}")
 
     def take(self, holder: object, name: str) -> None:
-        """``holder`` (``name`` says what it is, for the error) drives the runners from now on; a RuntimeError when
+        """``holder`` (``name`` says what it is, for the error) drives the runners from now on; a RunnerBusyError when
         another holds them. Taking it again is a no-op."""
         self.check(holder)
         self._holder, self._holder_name = weakref.ref(holder), name
