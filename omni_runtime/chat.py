@@ -239,7 +239,11 @@ def _waveform(source: Any, sample_rate: int | None) -> torch.Tensor:
     """An audio part -> mono fp32 [S] at 16 kHz, checked as ``log_mel_features`` checks it."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        source, sample_rate = _read_audio_file(path)
+        source, file_rate = _read_audio_file(path)
+        if sample_rate is not None and sample_rate != file_rate:
+            raise ValueError(f"audio file {path} is at {file_rate} Hz, not the 'sample_rate' {sample_rate} given "
+                             "beside it (a file's header says its rate: leave 'sample_rate' out)")
+        sample_rate = file_rate
         try:
             return mono_waveform_16k(source, sample_rate).cpu()
         except ValueError as e:

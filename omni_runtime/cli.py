@@ -77,6 +77,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.ids is not None and (args.audio or args.image):
         gen.error("--audio and --image need --text: --ids is the whole prompt, used as given")
+    if args.concurrency < 1:
+        gen.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.concurrency > 1 and args.stream:
+        gen.error("--stream prints one answer as it streams: with --concurrency the answers print when they end")
     return args
 
 
@@ -171,8 +175,6 @@ def talker_sampling(seed: int | None) -> SamplingParams:
 def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: dict, sampling: SamplingParams) -> None:
     """``--concurrency N``: N spoken answers to the prompt at once (``stream_batch``), seeds ``seed + i``; prints each
     answer and the first packets, the real-time factor and the audio made per second."""
-    if args.concurrency < 1:
-        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     count, decode = args.concurrency, model.decode if model.tokenizer else str
     seeds = [None if args.seed is None else args.seed + i for i in range(count)]
     samplings = [replace(sampling, seed=seed) for seed in seeds]

@@ -81,18 +81,25 @@ def test_multichannel_is_mixed_down_by_averaging(layout):
     (np.array([0.1] * 800 + [np.inf], np.float32), 16000, "NaN or Inf"),
     (np.zeros(800, np.float32), 0, "positive"),
     (np.zeros(800, np.float32), -16000, "positive"),
-    (np.zeros(800, np.float32), 16000.0, "positive integer"),
+    (np.zeros(800, np.float32), 16000.5, "positive integer"),
+    (np.zeros(800, np.float32), 16, "outside the supported 4-384 kHz"),
+    (np.zeros(800, np.float32), 768000, "outside the supported"),
     (np.zeros(40 * 60 * 16000 + 1, np.float32), 16000, "maximum is 40 minutes"),
     (np.zeros(150, np.float32), 16000, "too short"),
     (np.zeros(800, np.int16), 16000, "int16"),
     (np.zeros((2, 2, 800), np.float32), 16000, "1-D"),
     (np.zeros((16, 800), np.float32), 16000, "at most 8 channels"),
     ([0.0] * 800, 16000, "numpy array or a torch tensor"),
-], ids=["empty", "nan", "inf", "rate-0", "rate-negative", "rate-float", "over-40-min", "too-short",
-        "int16", "3-d", "16-channels", "list"])
+], ids=["empty", "nan", "inf", "rate-0", "rate-negative", "rate-fraction", "rate-khz", "rate-high", "over-40-min",
+        "too-short", "int16", "3-d", "16-channels", "list"])
 def test_log_mel_features_rejects_bad_input(audio, sample_rate, message):
     with pytest.raises(ValueError, match=message):
         log_mel_features(audio, sample_rate)
+
+
+def test_an_integral_float_rate_is_a_rate():
+    audio = np.random.default_rng(0).standard_normal(1600).astype(np.float32) * 0.1
+    torch.testing.assert_close(log_mel_features(audio, 16000.0)[0], log_mel_features(audio, 16000)[0])
 
 
 @pytest.mark.parametrize("sample_rate", [8000, 22050, 44100, 48000])

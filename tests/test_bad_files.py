@@ -278,3 +278,16 @@ def test_cli_prints_bad_media_as_one_line(tiny_sharded, tmp_path, png, capsys):
     assert main(["generate", "--model", str(folder), "--audio", str(tmp_path), "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is a directory" in err
+
+
+def test_a_sample_rate_beside_a_file_must_agree_with_it(tmp_path):
+    soundfile.write(tmp_path / "a.wav", np.zeros(8000, dtype=np.float32), 8000)
+    part = {"type": "audio", "audio": str(tmp_path / "a.wav")}
+    message = [{"role": "user", "content": [{**part, "sample_rate": 16000}]}]
+    with pytest.raises(ValueError, match="is at 8000 Hz, not the 'sample_rate' 16000"):
+        prepare_inputs(message, None, TOKENS)
+    message = [{"role": "user", "content": [{**part, "sample_rate": 8000}]}]
+    assert prepare_inputs(message, None, TOKENS)["input_features"].shape == (1, 128, 100)
+    soundfile.write(tmp_path / "slow.wav", np.zeros(800, dtype=np.float32), 1000)   # 1 kHz: not a speech rate
+    with pytest.raises(ValueError, match="slow.wav: sample_rate 1000 Hz is outside the supported 4-384 kHz"):
+        prepare_inputs(audio_message(tmp_path / "slow.wav"), None, TOKENS)

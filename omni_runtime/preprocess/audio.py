@@ -15,6 +15,7 @@ HOP_LENGTH = 160
 N_MELS = 128
 MAX_SECONDS = 40 * 60
 MAX_CHANNELS = 8
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4_000, 384_000   # speech needs more than 2 kHz of bandwidth; the top of pro audio
 MIN_SAMPLES = N_FFT // 2 + 1  # the centred STFT reflects n_fft/2 samples at each end
 
 
@@ -71,8 +72,13 @@ def log_mel_features(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> t
 
 def mono_waveform_16k(waveform: np.ndarray | torch.Tensor, sample_rate: int) -> torch.Tensor:
     """A validated mono float32 waveform at 16 kHz (mixed down and resampled as needed), or a ValueError."""
+    if isinstance(sample_rate, (float, np.floating)) and float(sample_rate).is_integer():
+        sample_rate = int(sample_rate)   # 16000.0 is a rate too
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise ValueError(f"sample_rate must be a positive integer (Hz), got {sample_rate!r}")
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:   # a rate in kHz or seconds, not Hz
+        raise ValueError(f"sample_rate {sample_rate} Hz is outside the supported {MIN_SAMPLE_RATE // 1000}-"
+                         f"{MAX_SAMPLE_RATE // 1000} kHz")
     if not isinstance(waveform, (np.ndarray, torch.Tensor)):
         raise ValueError(f"waveform must be a numpy array or a torch tensor, got {type(waveform).__name__}")
     if not (waveform.is_floating_point() if isinstance(waveform, torch.Tensor) else waveform.dtype.kind == "f"):
