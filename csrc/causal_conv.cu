@@ -71,10 +71,12 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
   }
   CheckLike(kOp, out, "out", x, {B, C_out, L});
   CheckLike(kOp, new_state, "new_state", x, {B, C_in, ctx});
-  TORCH_CHECK(out.numel() == 0 || x.numel() == 0 || out.data_ptr() != x.data_ptr(), kOp, "out must not alias x");
+  omni::CheckNoOverlap(kOp, out, "out", x, "x");
   TORCH_CHECK(!state.has_value() || new_state.data_ptr() != state->data_ptr() ||
                   new_state.strides() == state->strides(),
               kOp, "new_state may be state itself, but then with the same strides");
+  TORCH_CHECK(!state.has_value() || at::get_overlap_status(new_state, *state) != at::MemOverlapStatus::Partial, kOp,
+              "new_state may be state itself, not part of it");
   TORCH_CHECK(B <= INT32_MAX && C_in <= INT32_MAX && L <= 2000000 && B * C_in <= INT32_MAX && C_out <= 500000,
               kOp, "sizes out of range (B * C_in <= 2^31 - 1, C_out <= 500000, L <= 2000000), got x ", x.sizes(),
               ", weight ", weight.sizes());

@@ -78,10 +78,12 @@ void causal_conv_transpose1d(at::Tensor const& x, at::Tensor const& weight, std:
   int64_t const frames = window > m - 1 ? window - (m - 1) : 0;
   CheckLike(kOp, out, "out", x, {B, C_out, frames * stride});
   CheckLike(kOp, new_state, "new_state", x, {B, C_in, window < m - 1 ? window : m - 1});
-  TORCH_CHECK(out.numel() == 0 || x.numel() == 0 || out.data_ptr() != x.data_ptr(), kOp, "out must not alias x");
+  omni::CheckNoOverlap(kOp, out, "out", x, "x");
   TORCH_CHECK(!state.has_value() || new_state.numel() == 0 || new_state.data_ptr() != state->data_ptr() ||
                   new_state.strides() == state->strides(),
               kOp, "new_state may be state itself, but then with the same strides");
+  TORCH_CHECK(!state.has_value() || at::get_overlap_status(new_state, *state) != at::MemOverlapStatus::Partial, kOp,
+              "new_state may be state itself, not part of it");
   TORCH_CHECK(B <= 65535 && C_out <= 500000 && stride <= INT32_MAX && window * stride <= INT32_MAX &&
                   B * C_in <= INT32_MAX,
               kOp, "sizes out of range (B <= 65535, C_out <= 500000, (S + L) * stride and B * C_in <= 2^31 - 1), ",

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <utility>
 
 #include <omni/qk_norm_rope.cuh>
 #include "launch_check.h"
@@ -92,6 +93,8 @@ void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
   CheckTensor(k_cache, "k_cache", q, {B, Hkv, S, D});
   CheckTensor(v_cache, "v_cache", q, {B, Hkv, S, D});
   CheckTensor(q_out, "q_out", q, {B, Hq, T, D});
+  for (auto const& [in, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    omni::CheckNoOverlap("omni::qk_norm_rope: ", q_out, "q_out", *in, name);
   TORCH_CHECK(cache_positions.device() == q.device(), "omni::qk_norm_rope: cache_positions must be on ", q.device(),
               ", got ", cache_positions.device());
   TORCH_CHECK(cache_positions.scalar_type() == at::kLong || cache_positions.scalar_type() == at::kInt,
