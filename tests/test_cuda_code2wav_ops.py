@@ -202,6 +202,12 @@ def test_causal_conv1d_cuda_rejects_and_falls_back():
         torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns)
     with pytest.raises(RuntimeError, match="new_state must have shape"):
         torch.ops.omni.causal_conv1d(x, w, b, 1000, 1, s, None, None, y, ns[..., :5])
+    x, w, b, s, _ = conv_case(1, 8, 8, 9, 3, 1, 1, torch.float32, g)   # a kernel case, but out overlaps x
+    buffer = torch.empty(2 * x.numel(), device="cuda")   # out over the second half of x and beyond
+    x_view, y_view = buffer[:x.numel()].view_as(x), buffer[x.numel() // 2:][:x.numel()].view_as(x)
+    x_view.copy_(x)
+    with pytest.raises(RuntimeError, match="out must not overlap x"):
+        torch.ops.omni.causal_conv1d(x_view, w, b, 1, 1, s, None, None, y_view, torch.empty(1, 8, 2, device="cuda"))
 
 
 # --- causal transposed conv -----------------------------------------------------------------------------------------

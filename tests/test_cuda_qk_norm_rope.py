@@ -142,6 +142,10 @@ def test_qk_norm_rope_cuda_falls_back_and_rejects():
     with pytest.raises(RuntimeError, match="both norm weights or neither"):
         torch.ops.omni.qk_norm_rope(q, k, v, torch.ones(D, device="cuda"), None, 1e-6, cos, sin, *caches[0], slots,
                                     out)
+    dense_q = q.contiguous()   # q_out over q's own memory
+    with pytest.raises(RuntimeError, match="q_out must not overlap q"):
+        torch.ops.omni.qk_norm_rope(dense_q, k, v, None, None, 1e-6, cos, sin, *caches[0], slots,
+                                    dense_q.view(B, Hq, T, D))
 
 
 def test_qk_norm_rope_cuda_graph_replays_with_new_slots_tables_and_inputs():
