@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <omni/cp_async.cuh>
 #include <omni/dtype.cuh>
 
 #include <climits>
@@ -69,29 +70,6 @@ __device__ __forceinline__ void LoadChunk(T const* src, float (&f)[16 / sizeof(T
   Chunk<T> const c = *reinterpret_cast<Chunk<T> const*>(src);
 #pragma unroll
   for (int e = 0; e < 16 / static_cast<int>(sizeof(T)); ++e) f[e] = ToFloat(c.v[e]);
-}
-
-// 16-byte global -> shared copy that bypasses L1 (.cg: K/V are streamed once). src_size 0 reads nothing and
-// zero-fills, so masked slots (past the length, past head_dim) cost no traffic and can hold garbage. cp.async needs
-// sm_80; older archs get a plain synchronous 16-byte copy (same result, no overlap of load and compute).
-__device__ __forceinline__ void CpAsync16(void* dst, void const* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned const s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-#else
-  *reinterpret_cast<int4*>(dst) = valid ? *reinterpret_cast<int4 const*>(src) : make_int4(0, 0, 0, 0);
-#endif
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void CpAsyncWaitAll() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
 }
 
 // Running max starts finite (as the Triton kernel): alpha = exp2(m_old - m_new) never sees -inf - -inf.

@@ -31,6 +31,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <omni/cp_async.cuh>
 #include <omni/dtype.cuh>
 
 #include <climits>
@@ -419,26 +420,6 @@ constexpr int kTcVec = 8;                // 16-byte chunks of half/bf16
 constexpr int kTcPitch = kTcBK + 8;      // smem row pitch (80 B): rows of a 16-row fragment fall in distinct bank
                                          // groups, and every fragment start stays 32-byte aligned as WMMA requires
 constexpr int kTcCPitch = kTcBN + 4;     // fp32 epilogue pitch (272 B: 16-row fragment offsets stay 32 B aligned)
-
-__device__ __forceinline__ void CpAsync16(void* dst, void const* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  unsigned const s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-#else
-  *reinterpret_cast<int4*>(dst) = valid ? *reinterpret_cast<int4 const*>(src) : make_int4(0, 0, 0, 0);
-#endif
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void CpAsyncWaitAll() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
 
 template <bool GATE_UP>
 __host__ __device__ constexpr size_t TcSmemBytes() {
