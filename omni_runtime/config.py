@@ -42,6 +42,14 @@ def _positive_float(d: dict, key: str, where: str, default: Any = _REQUIRED) -> 
     return float(value)
 
 
+def _bool(d: dict, key: str, where: str, default: Any = _REQUIRED) -> bool:
+    """A JSON true/false (``bool("false")`` would be True: strings and numbers are refused)."""
+    value = _get(d, key, where, default)
+    if not isinstance(value, bool):
+        raise _malformed(where, key, f"expected true or false, got {value!r}")
+    return value
+
+
 def _int_list(d: dict, key: str, where: str, default: Any = _REQUIRED, length: int | None = None) -> tuple[int, ...]:
     value = _get(d, key, where, default)
     if (not isinstance(value, (list, tuple)) or (length is not None and len(value) != length)
@@ -98,6 +106,26 @@ class MoeTextConfig:
         return (layer not in self.mlp_only_layers and self.num_experts > 0
                 and (layer + 1) % self.decoder_sparse_step == 0)
 
+    def check(self, where: str) -> None:
+        """Fields that are each well formed but do not fit together; ``where`` names the config in the error."""
+        problems = []
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} is odd: rotary embeddings rotate pairs of dimensions")
+        moe_layers = [layer for layer in range(self.num_hidden_layers) if self.is_moe_layer(layer)]
+        if moe_layers and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                            f"num_experts={self.num_experts}")
+        if moe_layers and not self.moe_intermediate_size:
+            problems.append("MoE layers need moe_intermediate_size > 0")
+        if len(moe_layers) < self.num_hidden_layers and not self.intermediate_size:
+            problems.append("dense layers (mlp_only_layers, decoder_sparse_step or num_experts=0) need "
+                            "intermediate_size > 0")
+        if problems:
+            raise ValueError(f"inconsistent {where}: " + "; ".join(problems))
+
     @classmethod
     def from_dict(cls, d: dict, where: str = "text_config") -> MoeTextConfig:
         """``where``: the dict's place in config.json, for error messages naming a malformed field."""
@@ -106,7 +134,7 @@ class MoeTextConfig:
         rope_where = _join(where, rope_key)
         theta = _positive_float(rope, "rope_theta", rope_where, _positive_float(d, "rope_theta", where, 1e6))
         hidden, heads = _int(d, "hidden_size", where), _int(d, "num_attention_heads", where)
-        return cls(
+        config = cls(
             vocab_size=_int(d, "vocab_size", where), hidden_size=hidden,
             num_hidden_layers=_int(d, "num_hidden_layers", where), num_attention_heads=heads,
             num_key_value_heads=_int(d, "num_key_value_heads", where, heads),
@@ -115,7 +143,7 @@ class MoeTextConfig:
             moe_intermediate_size=_int(d, "moe_intermediate_size", where, 0, minimum=0),
             num_experts=_int(d, "num_experts", where, _int(d, "num_local_experts", where, 0, minimum=0), minimum=0),
             num_experts_per_tok=_int(d, "num_experts_per_tok", where, 0, minimum=0),
-            norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+            norm_topk_prob=_bool(d, "norm_topk_prob", where, False),
             rms_norm_eps=_positive_float(d, "rms_norm_eps", where, 1e-6), rope_theta=theta,
             mrope_section=_int_list(rope, "mrope_section", rope_where, (24, 20, 20), length=3),
             max_position_embeddings=_int(d, "max_position_embeddings", where, 32768),
@@ -123,6 +151,8 @@ class MoeTextConfig:
             mlp_only_layers=_int_list(d, "mlp_only_layers", where, ()),
             shared_expert_intermediate_size=_int(d, "shared_expert_intermediate_size", where, 0, minimum=0),
         )
+        config.check(where)
+        return config
 
 
 @dataclass(frozen=True)

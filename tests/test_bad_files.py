@@ -84,11 +84,32 @@ def test_a_good_config_parses_and_nulls_mean_defaults(tmp_path):
     ("talker_config.text_config.hidden_size", None, True),
     ("talker_config.code_predictor_config.vocab_size", 2048.5, False),
     ("code2wav_config", "small", False),
+    ("thinker_config.text_config.norm_topk_prob", "false", False),   # bool("false") would be True
+    ("talker_config.text_config.norm_topk_prob", 1, False),
 ])
 def test_malformed_field_is_named(tmp_path, path, value, delete):
     folder = write_config(tmp_path, damaged(path, value, delete))
     with pytest.raises(ValueError, match=f"config.json: missing or malformed field {re.escape(path)}:"):
         OmniModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("where, fields, message", [
+    ("thinker_config.text_config", dict(num_attention_heads=6, num_key_value_heads=4), "not a multiple of"),
+    ("thinker_config.text_config", dict(head_dim=15), "head_dim=15 is odd"),
+    ("thinker_config.text_config", dict(num_experts_per_tok=0), "num_experts_per_tok=0 must be between 1"),
+    ("talker_config.text_config", dict(num_experts=4, num_experts_per_tok=6), "num_experts_per_tok=6 must be"),
+    ("thinker_config.text_config", dict(moe_intermediate_size=0), "MoE layers need moe_intermediate_size"),
+    ("thinker_config.text_config", dict(mlp_only_layers=[0], intermediate_size=0), "dense layers .* need"),
+    ("talker_config.code_predictor_config", dict(intermediate_size=0), "dense layers .* need"),
+])
+def test_fields_that_do_not_fit_together_are_named(tmp_path, where, fields, message):
+    config = copy.deepcopy(omni_config_dict())
+    node = config
+    for key in where.split("."):
+        node = node[key]
+    node.update(fields)
+    with pytest.raises(ValueError, match=f"config.json: inconsistent {re.escape(where)}: .*{message}"):
+        OmniModel.from_pretrained(write_config(tmp_path, config))
 
 
 def test_config_that_is_not_an_object(tmp_path):
