@@ -6,6 +6,7 @@ Per token count T, on one random routing: decode sizes (T <= DECODE_MAX_TOKENS) 
 its candidates on the decode rows; prefill sizes do so per BLOCK_M on the expert-sorted rows and keep the BLOCK_M
 with the least align + gate_up + down time. Candidates that overflow shared memory or fail to compile are skipped.
 Each GEMM is timed with triton.testing.do_bench, which flushes L2 between calls, so decode weights come from HBM.
+The heuristic's own config (omni_kernels.moe.default_config) is always a candidate: a table never loses to it.
 The winner is checked against fused_moe_ref before it is written. One file per (E, N=I, K=H, device, dtype), keyed
 by token count; fused_moe picks the nearest token count on the same side of the decode/prefill split.
 """
@@ -49,14 +50,6 @@ def search_space(num_tokens: int, quick: bool) -> tuple[list[int], list[dict]]:
     return block_ms, [dict(zip(space, values)) for values in itertools.product(*space.values())]
 
 
-def fits(cfg: dict, block_m: int, weight_tiles: int, elt: int, smem: int) -> bool:
-    """Pipelined operand tiles (A and the weight tiles, one buffer per stage) must fit in shared memory."""
-    if block_m == 1:
-        return True
-    stage = (block_m * cfg["BLOCK_K"] + weight_tiles * cfg["BLOCK_K"] * cfg["BLOCK_N"]) * elt
-    return stage * max(1, cfg["num_stages"] - 1) <= smem
-
-
 def bench_ms(fn) -> float:
     import triton
     try:
@@ -75,7 +68,8 @@ def best_config(label: str, make_call, candidates: list[dict]) -> tuple[dict, fl
     return cfg, ms
 
 
-def tune_tokens(shape: dict, num_tokens: int, dtype: torch.dtype, quick: bool, smem: int, device="cuda") -> dict:
+def tune_tokens(shape: dict, num_tokens: int, dtype: torch.dtype, quick: bool, target: moe.GpuTarget,
+                device="cuda") -> dict:
     E, top_k, I, H = shape["E"], shape["top_k"], shape["I"], shape["H"]
     g = torch.Generator(device).manual_seed(num_tokens)
     rnd = lambda *s, scale=0.02: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)  # noqa: E731
@@ -83,19 +77,28 @@ def tune_tokens(shape: dict, num_tokens: int, dtype: torch.dtype, quick: bool, s
     x = rnd(num_tokens, H, scale=1.0)
     weights, ids = moe.moe_route(torch.nn.functional.linear(x, router), top_k, True)
     block_ms, candidates = search_space(num_tokens, quick)
-    elt = x.element_size()
     decode = num_tokens <= moe.DECODE_MAX_TOKENS
+    default = moe.default_config(num_tokens, top_k, E, I, H, dtype, target)
+    if not decode and default["BLOCK_M"] not in block_ms:
+        block_ms = sorted(block_ms + [default["BLOCK_M"]])
     best = None
     for block_m in block_ms:
         rows = moe.moe_decode_rows(ids) if decode else moe.moe_align(ids, E, block_m)
         align_ms = 0.0 if decode else bench_ms(lambda: moe.moe_align(ids, E, block_m))
-        h = moe.moe_gate_up(x, w_gate_up, rows, moe.default_config(num_tokens, top_k, E, I, H)["gate_up"])
+
+        def tried(role: str, weight_tiles: int) -> list[dict]:  # those that fit, and the heuristic's own
+            fit = [c for c in candidates if moe.gemm_shared_memory(rows.block_m, c, weight_tiles, x.element_size(),
+                                                                   target.capability) <= target.shared_memory]
+            own = default[role] if decode or default["BLOCK_M"] == block_m else None
+            return fit + [own] if own and own not in fit else fit
+
+        h = moe.moe_gate_up(x, w_gate_up, rows, default["gate_up"])
         gate_up, gate_up_ms = best_config(f"T={num_tokens} BLOCK_M={rows.block_m} gate_up",
                                           lambda cfg: lambda: moe.moe_gate_up(x, w_gate_up, rows, cfg),
-                                          [c for c in candidates if fits(c, rows.block_m, 2, elt, smem)])
+                                          tried("gate_up", 2))
         down, down_ms = best_config(f"T={num_tokens} BLOCK_M={rows.block_m} down",
                                     lambda cfg: lambda: moe.moe_down(h, w_down, weights, rows, cfg),
-                                    [c for c in candidates if fits(c, rows.block_m, 1, elt, smem)])
+                                    tried("down", 1))
         total = align_ms + gate_up_ms + down_ms
         if best is None or total < best[0]:
             best = total, dict(BLOCK_M=block_m, gate_up=gate_up, down=down)
@@ -118,14 +121,13 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_fused_moe.py needs a CUDA GPU: it times the Triton kernels on the device it writes configs for")
-    import triton
     device = torch.device("cuda")
-    smem = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+    target = moe.gpu_target(device)
     dtype = DTYPES[args.dtype]
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         start = time.time()
-        table = {str(t): tune_tokens(shape, t, dtype, args.quick, smem) for t in map(int, args.tokens.split(","))}
+        table = {str(t): tune_tokens(shape, t, dtype, args.quick, target) for t in map(int, args.tokens.split(","))}
         path = Path(args.out_dir) / moe.config_file_name(shape["E"], shape["I"], shape["H"], dtype,
                                                          torch.cuda.get_device_name(device))
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -439,14 +439,40 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
+class GpuTarget(NamedTuple):
+    capability: int     # 10 * major + minor: 80 Ampere, 90 Hopper
+    shared_memory: int  # bytes one program may use (the opt-in maximum)
+
+
+@functools.cache
+def gpu_target(device: torch.device) -> GpuTarget | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return GpuTarget(10 * major + minor, smem)
+
+
+def gemm_shared_memory(block_m: int, cfg: dict, weight_tiles: int, elem_bytes: int, capability: int) -> int:
+    """Shared memory of a GEMM's pipelined operand tiles (A and ``weight_tiles`` weight tiles per K step). Triton
+    keeps num_stages buffers on Hopper and num_stages - 1 on Ampere (measured on compiled kernels); the GEMV
+    (BLOCK_M == 1) stages nothing through shared memory."""
+    if block_m == 1:
+        return 0
+    stage = (block_m + weight_tiles * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem_bytes
+    return stage * (cfg["num_stages"] if capability >= 90 else max(1, cfg["num_stages"] - 1))
+
+
 @functools.cache
 def _config_table(folder: Path, file_name: str) -> dict[int, dict] | None:
     path = folder / file_name
     return {int(m): cfg for m, cfg in json.loads(path.read_text()).items()} if path.is_file() else None
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int, inter: int, hidden: int) -> dict:
-    """Heuristic launch config when no table matches."""
+def default_config(num_tokens: int, top_k: int, num_experts: int, inter: int, hidden: int,
+                   dtype: torch.dtype = torch.bfloat16, target: GpuTarget | None = None) -> dict:
+    """Heuristic launch config when no table matches. ``target``: the GPU it runs on (None: any)."""
     p2 = triton.next_power_of_2
     if INTERPRET:  # the interpreter pays per program, not per element: few, large tiles
         gemm = dict(GROUP_M=1, num_warps=4, num_stages=1)
@@ -462,8 +488,29 @@ def default_config(num_tokens: int, top_k: int, num_experts: int, inter: int, hi
     if rows_per_expert <= 32:
         gemm = dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
         return dict(BLOCK_M=16 if rows_per_expert <= 16 else 32, gate_up=gemm, down=gemm)
+    if rows_per_expert >= 96 and dtype in (torch.float16, torch.bfloat16) and target and target.capability >= 90:
+        big = _hopper_prefill_config(dtype.itemsize, target)
+        if big:
+            return big
     return dict(BLOCK_M=64, gate_up=dict(BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
                 down=dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3))
+
+
+def _hopper_prefill_config(elem_bytes: int, target: GpuTarget) -> dict | None:
+    """Compute-bound prefill on Hopper: 128 x 256 output tiles (gate_up: 128 gate + 128 up columns), two
+    warpgroups of m64 wgmma, 48 KB a K step; as many stages (<= 4) as shared memory holds, at least 3. Compiled for
+    sm_90 these use ~210 registers a thread and no spills; on Ampere the same tiles spill (mma.sync keeps more
+    fragments live), so Ampere keeps the 64-row tiles."""
+    config = dict(BLOCK_M=128)
+    for role, block_n, weight_tiles in (("gate_up", 128, 2), ("down", 256, 1)):
+        cfg = dict(BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        while cfg["num_stages"] >= 3 and gemm_shared_memory(128, cfg, weight_tiles, elem_bytes,
+                                                            target.capability) > target.shared_memory:
+            cfg["num_stages"] -= 1
+        if cfg["num_stages"] < 3:
+            return None
+        config[role] = cfg
+    return config
 
 
 def moe_launch_config(num_tokens: int, top_k: int, num_experts: int, inter: int, hidden: int, dtype: torch.dtype,
@@ -473,7 +520,7 @@ def moe_launch_config(num_tokens: int, top_k: int, num_experts: int, inter: int,
     variant = lambda m: (m > 1) + (m > DECODE_MAX_TOKENS)  # noqa: E731
     sizes = [m for m in table or () if variant(m) == variant(num_tokens)]
     if not sizes:
-        return default_config(num_tokens, top_k, num_experts, inter, hidden)
+        return default_config(num_tokens, top_k, num_experts, inter, hidden, dtype, gpu_target(device))
     return table[min(sizes, key=lambda m: (abs(m - num_tokens), m))]
 
 

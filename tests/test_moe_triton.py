@@ -178,6 +178,30 @@ def test_launch_config_table_lookup(tmp_path, monkeypatch):
     assert lookup(17) == moe.default_config(17, 8, 128, 768, 2048)
 
 
+def test_prefill_default_uses_hopper_tiles_only_where_they_fit(monkeypatch):
+    monkeypatch.setattr(moe, "INTERPRET", False)  # the GPU heuristic, not the interpreter's few-programs one
+    H100, A100, RTX_5090 = moe.GpuTarget(90, 232448), moe.GpuTarget(80, 166912), moe.GpuTarget(120, 101376)
+    thinker = lambda T, dtype=torch.bfloat16, target=H100: moe.default_config(T, 8, 128, 768, 2048, dtype, target)  # noqa: E731
+    big = thinker(4096)
+    assert big["BLOCK_M"] == 128 and big["gate_up"]["BLOCK_N"] == 128 and big["down"]["BLOCK_N"] == 256
+    assert [big[role]["num_stages"] for role in ("gate_up", "down")] == [4, 4]
+    for role, tiles in (("gate_up", 2), ("down", 1)):
+        assert moe.gemm_shared_memory(128, big[role], tiles, 2, 90) == 4 * 48 * 1024 <= H100.shared_memory
+    assert moe.default_config(4096, 8, 128, 768, 2048, torch.bfloat16, moe.GpuTarget(90, 160 * 1024)) == {
+        **big, "gate_up": {**big["gate_up"], "num_stages": 3}, "down": {**big["down"], "num_stages": 3}}
+    sixty_four = thinker(4096, target=None)
+    assert sixty_four["BLOCK_M"] == 64
+    # Ampere (the same tiles spill there), too little shared memory, fp32, or too few rows per expert: 64-row tiles
+    assert thinker(4096, target=A100) == thinker(4096, target=RTX_5090) == thinker(4096, torch.float32) == sixty_four
+    assert thinker(1024)["BLOCK_M"] == 64 and thinker(1536)["BLOCK_M"] == 128   # 64 and 96 rows per expert
+    for T in (1, 8, 200, 1024, 4096):
+        for target in (H100, A100):
+            cfg = thinker(T, target=target)
+            for role, tiles in (("gate_up", 2), ("down", 1)):
+                assert moe.gemm_shared_memory(cfg["BLOCK_M"], cfg[role], tiles, 2, target.capability) <= \
+                    target.shared_memory
+
+
 # ---------------------------------------------------------------------------------------- dispatch and tracing
 def test_dispatch_uses_the_reference_on_cpu_unless_forced(monkeypatch):
     assert ok.selected_backend("fused_moe", "cpu") == "torch"
@@ -206,6 +230,7 @@ def test_custom_op_has_a_fake_and_traces():
 
 AOT_SCRIPT = textwrap.dedent("""
     import os, re, subprocess, sys, tempfile
+    import torch
     import triton
     try:
         from triton.backends.compiler import GPUTarget
@@ -239,10 +264,12 @@ AOT_SCRIPT = textwrap.dedent("""
             f.flush()
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True)
         print(fn.__name__, meta.get("BLOCK_M"), re.search(r"REG:\\d+ STACK:\\d+", usage.stdout).group(0))
+        return kernel.metadata.shared
 
     ptrs = dict(ids_ptr="*i32", sorted_ptr="*i32", block_expert_ptr="*i32", num_padded_ptr="*i32")
+    hopper = moe.GpuTarget(90, 232448)  # H100/H200: 227 KB of shared memory a block
     for T, dtype in [(1, "bf16"), (8, "bf16"), (64, "bf16"), (4096, "bf16"), (8, "fp32")]:
-        cfg = moe.default_config(T, 8, E, I, H)
+        cfg = moe.default_config(T, 8, E, I, H, torch.bfloat16 if dtype == "bf16" else torch.float32, hopper)
         decode = T <= moe.DECODE_MAX_TOKENS
         block_m = (1 if T == 1 else 16) if decode else cfg["BLOCK_M"]
         for fn, role, args in [
@@ -256,7 +283,11 @@ AOT_SCRIPT = textwrap.dedent("""
             meta = dict(SORTED=not decode, BLOCK_P=triton.next_power_of_2(8 * T) if decode else 16, BLOCK_M=block_m,
                         BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], GROUP_M=c["GROUP_M"],
                         PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
-            build(fn, args, meta, c["num_warps"], c["num_stages"])
+            shared = build(fn, args, meta, c["num_warps"], c["num_stages"])
+            estimate = moe.gemm_shared_memory(block_m, c, 2 if role == "gate_up" else 1, 2 if dtype == "bf16" else 4,
+                                              hopper.capability)
+            if block_m > 1 and not shared <= min(estimate, hopper.shared_memory):
+                sys.exit(f"{fn.__name__} T={T}: {shared} B of shared memory, estimated {estimate}")
     build(moe._moe_route_kernel, dict(logits_ptr="*bf16", weights_ptr="*bf16", ids_ptr="*i32", num_tokens=64,
           num_experts=E, stride_lt=E), dict(TOP_K=8, RENORMALIZE=True, BLOCK_T=16, BLOCK_E=E, BLOCK_K=8), 4, 1)
     build(moe._moe_align_count_kernel, dict(ids_ptr="*i32", rank_ptr="*i32", chunk_counts_ptr="*i32", num_pairs=512),
@@ -270,7 +301,8 @@ AOT_SCRIPT = textwrap.dedent("""
 
 
 def test_kernels_compile_for_hopper_without_spills():
-    """Compile every kernel for sm_90 with the default configs (ptxas ships with triton; no GPU needed)."""
+    """Compile every kernel for sm_90 with the default configs for an H100 (ptxas ships with triton; no GPU
+    needed): no spills, and shared memory within the device's and within gemm_shared_memory's estimate."""
     import triton
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):
