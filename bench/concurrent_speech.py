@@ -4,25 +4,27 @@ shared) against the same requests served one after another by the single-request
 
     python bench/concurrent_speech.py [--device cuda --dtype bfloat16 --full-size] [--concurrency 1,2,4,6,8]
                                       [--arrival-ms 0] [--long-prompt-tokens 0] [--prefill-tokens 4096]
-                                      [--fixed-chunks]
+                                      [--fixed-chunks] [--audio-seconds 0]
 
 Request i arrives at i x ``--arrival-ms`` (default 0: all at once); each has its own prompt (40 user tokens,
-different words; ``--long-prompt-tokens``: the last one that many). The batched server submits each request when it
+different words; ``--long-prompt-tokens``: the last one that many; ``--audio-seconds``: the last one is that much
+audio instead, noise, which its encoder runs on at admission). The batched server submits each request when it
 arrives (``--prefill-tokens``: its largest prefill chunk; ``--fixed-chunks``: every tick may prefill that much,
-without the pacer); the sequential one starts it when it has arrived and the previous one is done. Greedy thinker and
-talker, ``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so every answer speaks the same
-number of frames. Per concurrency: first text token and first audio packet (median and worst request, from its
-arrival), wall time, RTF (the worst request's time from arrival to its last sample over its audio seconds), audio
-seconds made per wall second, and the worst stall: the longest a client that plays each answer from its first packet
-on waits in all for packets that come late. Batched answers are checked equal to the sequential ones (text and
-codes). Model flags as in e2e_latency.py. Writes
-bench/results/concurrent_speech[_full][_arrival<ms>][_long<tokens>][_prefill<tokens>][_fixed]_<device>.json.
+without the pacer, for encoders too); the sequential one starts it when it has arrived and the previous one is done.
+Greedy thinker and talker, ``--answer-tokens`` text tokens and ``--talker-tokens`` talker steps each, so every
+answer speaks the same number of frames. Per concurrency: first text token and first audio packet (median and worst
+request, from its arrival), wall time, RTF (the worst request's time from arrival to its last sample over its audio
+seconds), audio seconds made per wall second, and the worst stall: the longest a client that plays each answer from
+its first packet on waits in all for packets that come late. Batched answers are checked equal to the sequential
+ones (text and codes). Model flags as in e2e_latency.py. Writes
+bench/results/concurrent_speech[_full][_arrival<ms>][_long<tokens>][_audio<s>][_prefill<tokens>][_fixed]_<device>.json.
 """
 from __future__ import annotations
 
 import statistics
 import time
 
+import numpy as np
 import torch
 from common import DTYPES, apply_threads, environment, save
 from e2e_latency import IM_END, build_models, prompt_ids, speech_parser
@@ -42,6 +44,8 @@ def parse_args():
                    help="the last request's prompt: this many user tokens instead of 40")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="the engine's prefill chunk (speech_engine(prefill_tokens)); default: the runner's 4096")
+    p.add_argument("--audio-seconds", type=float, default=0.0,
+                   help="the last request's prompt: this much audio (a user turn of noise) instead of text")
     p.add_argument("--fixed-chunks", action="store_true",
                    help="no pacing: every tick may prefill --prefill-tokens (the baseline of the engine's pacer)")
     return p.parse_args()
@@ -91,20 +95,30 @@ class Answers:
 class FixedChunks(PrefillPacer):
     """A pacer that always allows the whole ``prefill_tokens``."""
 
-    def budget(self, slacks, max_tokens, ticks_to_packet):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
         return max_tokens
+
+    def admits_encoders(self, *args) -> bool:
+        return True
+
+
+def audio_prompt(model, seconds: float, seed: int) -> dict:
+    """A user turn of ``seconds`` of 16 kHz noise, as ``OmniModel.prepare`` builds it (placeholders and log-mel)."""
+    wave = np.random.default_rng(seed).standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1
+    return model.prepare([{"role": "user", "content": [{"type": "audio", "audio": wave, "sample_rate": 16000}]}])
 
 
 def wait_until(start: float, moment: float) -> None:
     time.sleep(max(0.0, start + moment - time.perf_counter()))
 
 
-def run_batched(model, prompts, args) -> tuple[dict, list]:
+def run_batched(model, prompts, args, pacer: PrefillPacer | None = None) -> tuple[dict, list]:
+    """``pacer``: the engine's, carried over from earlier runs (what a long-running server has measured)."""
     timer = StageTimer(model.device)
     answers = Answers(len(prompts), args.arrival_ms / 1e3)
     engine = model.speech_engine(max_batch=len(prompts), timer=timer, prefill_tokens=args.prefill_tokens)
-    if args.fixed_chunks:
-        engine.pacer = FixedChunks()
+    if pacer is not None:
+        engine.pacer = pacer
     ids = {}
     start = time.perf_counter()
     while len(ids) < len(prompts) or engine.busy:
@@ -125,7 +139,8 @@ def run_sequential(model, prompts, args) -> tuple[dict, list]:
     start = time.perf_counter()
     for index, prompt in enumerate(prompts):
         wait_until(start, answers.arrival[index])
-        for event in model.stream(prompt, **request_kwargs(args)):
+        inputs = prompt if isinstance(prompt, dict) else {"input_ids": prompt}
+        for event in model.stream(**inputs, **request_kwargs(args)):
             answers.record(index, event, time.perf_counter() - start)
     return answers.summary(time.perf_counter() - start)
 
@@ -148,9 +163,13 @@ def main():
         batch = prompts[:count]
         if args.long_prompt_tokens:
             batch[-1] = prompt_ids(args.long_prompt_tokens, seed=count).to(device)
-        run_batched(model, batch, args)                              # warm up (and capture the buckets' graphs)
+        if args.audio_seconds:
+            batch[-1] = audio_prompt(model, args.audio_seconds, seed=count)
+        # one pacer for all runs, as one server engine would keep: the warm-up run measures the costs it paces by
+        pacer = FixedChunks() if args.fixed_chunks else PrefillPacer()
+        run_batched(model, batch, args, pacer)                       # warm up (and capture the buckets' graphs)
         run_sequential(model, batch[:1], args)
-        batched, batched_codes = best_of(lambda: run_batched(model, batch, args), args.repeats)
+        batched, batched_codes = best_of(lambda: run_batched(model, batch, args, pacer), args.repeats)
         sequential, sequential_codes = best_of(lambda: run_sequential(model, batch, args), args.repeats)
         same = all(torch.equal(a, b) for a, b in zip(batched_codes, sequential_codes))
         rows.append({"concurrency": count, "batched": batched, "sequential": sequential, "same_codes": same})
@@ -161,14 +180,17 @@ def main():
     name = "concurrent_speech" + ("_full" if args.full_size else "")
     name += f"_arrival{args.arrival_ms:g}" if args.arrival_ms else ""
     name += f"_long{args.long_prompt_tokens}" if args.long_prompt_tokens else ""
+    name += f"_audio{args.audio_seconds:g}" if args.audio_seconds else ""
     name += f"_prefill{args.prefill_tokens}" if args.prefill_tokens else ""
     name += "_fixed" if args.fixed_chunks else ""
-    result |= {"long_prompt_tokens": args.long_prompt_tokens, "prefill_tokens": args.prefill_tokens,
+    result |= {"long_prompt_tokens": args.long_prompt_tokens, "audio_seconds": args.audio_seconds,
+               "prefill_tokens": args.prefill_tokens,
                "fixed_chunks": args.fixed_chunks}
     path = save(name, result)
     print(f"{result['env']['device']}, {args.dtype}: {args.answer_tokens} text tokens, {args.talker_tokens - 1} "
           f"frames per answer, a request every {args.arrival_ms:g} ms"
           + (f", the last with {args.long_prompt_tokens} prompt tokens" if args.long_prompt_tokens else "")
+          + (f", the last {args.audio_seconds:g} s of audio" if args.audio_seconds else "")
           + (f", prefill chunks of {args.prefill_tokens}" if args.prefill_tokens else "")
           + (", no pacing" if args.fixed_chunks else ""))
     print(f"{'':>4} {'':10} {'first token p50':>16} {'first packet p50':>17} {'max':>9} {'wall':>9} {'RTF':>7} "

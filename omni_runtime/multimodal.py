@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from omni_runtime.config import OmniConfig
+from omni_runtime.config import OmniConfig, SpecialTokens
 from omni_runtime.engine.talker_prompt import user_positions
 from omni_runtime.positions import rope_positions
 
@@ -42,6 +42,11 @@ class MediaInputs:
     @property
     def has_visual(self) -> bool:
         return self.pixel_values is not None or self.pixel_values_videos is not None
+
+
+def media_token_count(ids: torch.Tensor, tokens: SpecialTokens) -> int:
+    """The prompt's audio, image and video placeholders: the tokens its encoders make."""
+    return int(((ids == tokens.audio) | (ids == tokens.image) | (ids == tokens.video)).sum())
 
 
 @dataclass

@@ -9,12 +9,13 @@ row of ``Code2WavRows``, and the packets due in one tick decode in one batched p
 packet an answer sends its frames on the engine's beat (ticks that are multiples of ``chunk_frames``), so answers
 that started at different ticks still decode together; its second packet may go out short for that, never late.
 
-A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free; the thinker prefills of the
-requests admitted in one tick run together. A tick prefills what ``PrefillPacer`` allows: the engine's
-``prefill_tokens`` at most, fewer when an answer already speaking has little audio in hand; a longer prompt prefills
-a chunk per tick (``ChunkedPrefill``), so a long prompt's thinker prefill does not stall the answers already
-speaking. Not paced yet: a request's audio/vision encoders run whole at admission, and its talker prefill (the user
-turn plus 9 rows) runs whole when it starts speaking.
+A request is admitted as soon as a thinker row, a talker row and a Code2Wav row are free and ``PrefillPacer`` has room
+for its audio/vision encoders, which run whole at admission (a request held back waits at most the pacer's
+``patience`` ticks; text requests behind it are admitted meanwhile). The thinker prefills of the requests admitted in
+one tick run together. A tick prefills what the pacer allows: the engine's ``prefill_tokens`` at most, fewer when an
+answer already speaking has little audio in hand; a longer prompt prefills a chunk per tick (``ChunkedPrefill``), so
+a long prompt's thinker prefill does not stall the answers already speaking. Not paced yet: an answer's talker
+prefill (the user turn plus 9 rows) runs whole when it starts speaking.
 
 As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first token (in the tick that
 draws it) and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill;
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,7 @@ from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
-from omni_runtime.multimodal import MediaInputs, talker_positions
+from omni_runtime.multimodal import MediaInputs, media_token_count, talker_positions
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows, text_event)
@@ -109,7 +110,8 @@ class SpeechEngine:
         self.ticks = 0
         self.pacer = PrefillPacer()
         self.prefill_budget = 0                        # prompt tokens this tick may still prefill
-        self.prefill_seconds = 0.0                     # spent on prefill in this tick
+        self.prefill_seconds = 0.0                     # spent on prompt work (encoders, prefill) in this tick
+        self.encoder_waits: dict[int, int] = {}        # request id -> ticks its encoders were held back
         self.chunk_advanced = False                    # whether a long prompt's chunk prefilled in this tick
 
     @property
@@ -132,6 +134,7 @@ class SpeechEngine:
     def cancel(self, request_id: int) -> None:
         """Drops a waiting or running request: its rows are free for the next tick; it yields nothing more."""
         self.waiting.pop(request_id, None)
+        self.encoder_waits.pop(request_id, None)
         for answer in [a for a in self.live if a.index == request_id]:
             self._drop(answer)
 
@@ -144,9 +147,11 @@ class SpeechEngine:
         start = clock()
         slacks = [s for s in (a.slack(start) for a in self.live) if s is not None]
         beat = max((a.request.options.chunk_frames for a in self.live), default=1)
-        self.prefill_budget = self.pacer.budget(slacks, self.prefill_tokens, beat)
         self.prefill_seconds, self.chunk_advanced = 0.0, False
-        self._admit()
+        admitted = self._admit(slacks, beat)     # their encoders run here
+        self.prefill_budget = self.pacer.budget(slacks, self.prefill_tokens, beat, spent=self.prefill_seconds)
+        if admitted:
+            self._start(*admitted)
         self._prefill_chunks()
         self._thinker_step()
         self._talker_frames()    # answers already speaking
@@ -178,6 +183,7 @@ class SpeechEngine:
         for answer in list(self.live):
             self._drop(answer)
         self.waiting.clear()
+        self.encoder_waits.clear()
         if self.lease is not None:
             self.lease.release(self)
 
@@ -192,22 +198,36 @@ class SpeechEngine:
         if self.lease is not None:
             self.lease.take(self, "a SpeechEngine (close() it first)")
 
-    def _admit(self) -> None:
-        """Every waiting request that finds a free thinker row and a free talker row starts: their thinker prefills
-        run together."""
+    def _admit(self, slacks: list[float], beat: int) -> tuple[list, list, list] | None:
+        """Every waiting request that finds a free thinker, talker and Code2Wav row, and whose encoders the pacer
+        has room for, is admitted: its encoders run now -> (ids, requests, thinker starts) to prefill together."""
         free = min(self.thinker_rows.free_rows(), self.talker_rows.free_rows(), self.code2wav_rows.free_rows())
-        indices = list(self.waiting)[:free]
-        requests, starts = [self.waiting.pop(i) for i in indices], []
-        for n, (index, r) in enumerate(zip(indices, requests)):
+        indices, requests, starts = [], [], []
+        for index, request in list(self.waiting.items()):
+            if len(indices) == free:
+                break
+            media_tokens = media_token_count(request.ids, self.model.config.tokens)
+            waited = self.encoder_waits.get(index, 0)
+            if not self.pacer.admits_encoders(media_tokens, slacks, beat, self.prefill_seconds, waited):
+                self.encoder_waits[index] = waited + 1
+                continue
             try:
-                starts.append((r.ids, self.model._build_prompt(index, r.ids, r.media), r.thinker_sampler, r.eos,
-                               r.max_new_tokens))
+                with self._timed() if media_tokens else nullcontext() as elapsed:
+                    prompt = self.model._build_prompt(index, request.ids, request.media)
             except ValueError:   # media that disagree with their placeholders: that request alone is dropped
-                others = [(i, q) for i, q in zip(indices, requests) if i != index]
-                self.waiting = {**dict(others), **self.waiting}
+                self.waiting.pop(index)
+                self.encoder_waits.pop(index, None)
+                self.waiting = {**dict(zip(indices, requests)), **self.waiting}   # the others wait again
                 raise
-        if starts:
-            self._start(indices, requests, starts)
+            if media_tokens:
+                self.prefill_seconds += elapsed()
+                self.pacer.record_encoders(media_tokens, elapsed())
+            self.waiting.pop(index)
+            self.encoder_waits.pop(index, None)
+            indices.append(index)
+            requests.append(request)
+            starts.append((request.ids, prompt, request.thinker_sampler, request.eos, request.max_new_tokens))
+        return (indices, requests, starts) if starts else None
 
     def _start(self, indices: list[int], requests: list[SpeechRequest], starts: list[tuple]) -> None:
         model, cfg = self.model, self.model.config
@@ -240,17 +260,23 @@ class SpeechEngine:
             answer.thinker, answer.prefill = stream, None
 
     @contextmanager
+    def _timed(self):
+        """Yields a function giving the seconds the block took. On a GPU the host runs ahead of the kernels: the
+        pacer needs their time, so this waits for them at both ends."""
+        self._sync()
+        start, end = self.pacer.clock(), None
+        yield lambda: end - start
+        self._sync()
+        end = self.pacer.clock()
+
+    @contextmanager
     def _prefilling(self, tokens: int):
-        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget. On a GPU
-        the host runs ahead of the kernels: the pacer needs their time, so it waits for them at both ends."""
-        self._sync()
-        start = self.pacer.clock()
-        yield
-        self._sync()
-        seconds = self.pacer.clock() - start
-        self.prefill_seconds += seconds
+        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget."""
+        with self._timed() as elapsed:
+            yield
+        self.prefill_seconds += elapsed()
         self.prefill_budget -= tokens
-        self.pacer.record_prefill(tokens, seconds)
+        self.pacer.record_prefill(tokens, elapsed())
 
     def _thinker_step(self) -> None:
         going = {a.thinker_row: a for a in self.live if a.thinker is not None and not a.thinker.finished}

@@ -267,7 +267,7 @@ class ScriptedPacer(PrefillPacer):
         super().__init__(min_tokens=min_tokens, clock=lambda: 0.0)
         self.script = list(script)
 
-    def budget(self, slacks, max_tokens, ticks_to_packet):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
         return self.script.pop(0) if self.script else max_tokens
 
 
@@ -318,6 +318,22 @@ def test_pacer_budget():
     pacer.record_tick(0.03, prompt_waited=True)
     assert pacer.budget([0.15], 4096, 4) == 100                  # waited enough: min_tokens
     assert pacer.budget([0.15], 60, 4) == 60
+    pacer.record_tick(0.03, prompt_waited=False)
+    assert pacer.budget([0.5], 4096, 4, spent=0.2) == 700         # encoders took 0.2 s: (0.5-0.12-0.2-0.04) / 2e-4
+
+
+def test_pacer_holds_back_encoders_that_do_not_fit():
+    pacer = PrefillPacer(patience=3)
+    assert pacer.admits_encoders(500, [0.5], 4, spent=0.0, waited=0)          # nothing measured yet
+    pacer.record_encoders(100, 0.05)
+    pacer.record_encoders(300, 0.11)                                          # 0.02 s + 3e-4 s a token
+    pacer.record_tick(0.03, prompt_waited=False)
+    assert pacer.admits_encoders(0, [0.0], 4, spent=0.0, waited=0)            # no media: nothing to hold back
+    assert pacer.admits_encoders(5000, [], 4, spent=0.0, waited=0)            # nobody speaks
+    assert pacer.admits_encoders(1000, [0.5], 4, spent=0.0, waited=0)         # 0.32 s <= 0.5 - 4 x 0.03
+    assert not pacer.admits_encoders(1000, [0.5], 4, spent=0.1, waited=0)     # not after 0.1 s spent already
+    assert not pacer.admits_encoders(1000, [0.5, 0.3], 4, spent=0.0, waited=2)
+    assert pacer.admits_encoders(1000, [0.3], 4, spent=0.0, waited=3)         # waited patience ticks
 
 
 def test_engine_takes_requests_as_they_come_and_cancels(model):
@@ -426,6 +442,41 @@ def test_engine_drops_a_request_whose_media_fail_and_goes_on(reference_checkpoin
         assert_same_answers([parts[rid].output("eos", 16, model.device)], [alone(model, prompt, **kwargs)],
                             reasons=False)
     assert ids[1] not in parts
+
+
+def test_encoders_wait_for_slack_and_text_requests_pass_them(reference_checkpoint, monkeypatch):
+    # An encoder slower than the speaking answer's slack: the first audio request runs it (nothing measured yet),
+    # the second waits the pacer's patience while a text request behind it is admitted; the encoders' seconds count
+    # as prompt work, not as tick time. Every answer is still the one its prompt gets alone.
+    from test_multimodal_parity import CASES, chat, media_inputs
+    model = OmniModel.from_pretrained(reference_checkpoint()[0])
+    audio = {"input_ids": torch.tensor([chat(CASES["audio"]).ids]), **media_inputs(chat(CASES["audio"]))}
+    kwargs = dict(max_new_tokens=8, eos_token_id=None, talker_max_new_tokens=14, talker_sampling=GREEDY_TALKER)
+    prompts = [chat_prompt(1, user_len=4), audio, audio, chat_prompt(2, user_len=2)]
+    expected = [alone(model, p, **kwargs) for p in prompts]
+    now = [0.0]
+    encode = model.audio_encoder.forward
+
+    def slow_encoder(*args, **kw):
+        now[0] += 1.0   # a second of encoder: far more than the slack of one 80 ms packet
+        return encode(*args, **kw)
+
+    monkeypatch.setattr(model.audio_encoder, "forward", slow_encoder)
+    engine = model.speech_engine(max_batch=4)
+    engine.pacer = PrefillPacer(min_tokens=256, patience=2, clock=lambda: now[0])
+    ids, parts, admitted = [engine.submit(prompts[0], **kwargs)], {}, []
+    while not any(a.first_audio_at is not None for a in engine.live):   # until the first answer speaks
+        engine.step()
+    for rid, prompt in enumerate(prompts[1:], start=1):
+        ids.append(engine.submit(prompt, **kwargs))
+    while engine.busy:
+        for rid, event in engine.step():
+            parts.setdefault(rid, SpokenParts()).add(event)
+        admitted.append(sorted(a.index for a in engine.live if a.index in ids[1:]))
+    assert admitted[:4] == [[1, 3], [1, 3], [1, 2, 3], [1, 2, 3]]   # the second audio request waited 2 ticks
+    assert engine.pacer.encoders.fit is not None and max(engine.pacer.ticks) < 1.0
+    for rid, e in zip(ids[1:], expected[1:]):
+        assert_same_answers([parts[rid].output(e.finish_reason, 16, model.device)], [e])
 
 
 def test_media_prompts_speak_in_a_batch(reference_checkpoint):
@@ -553,7 +604,7 @@ def test_two_engines_on_the_batched_runners_are_refused(model):
 class StarvingPacer(PrefillPacer):
     """No budget (as when every speaking answer's slack is short) until a prompt has waited ``patience`` ticks."""
 
-    def budget(self, slacks, max_tokens, ticks_to_packet):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
         return min(self.min_tokens, max_tokens) if self.waited >= self.patience else 0
 
 
