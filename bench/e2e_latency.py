@@ -88,8 +88,9 @@ def build_models(args, device, dtype):
         config = copy.deepcopy(RELEASED_CONFIG)
         config["thinker_config"]["text_config"]["num_hidden_layers"] = args.thinker_layers
         config["talker_config"]["accept_hidden_layer"] = min(24, args.thinker_layers)
-        return {"released": True, "thinker_layers": args.thinker_layers}, OmniModel.random(
-            config, device=device, dtype=dtype, max_seq_len=4096), None
+        encoders = getattr(args, "audio_seconds", 0) > 0   # concurrent_speech.py --audio-seconds
+        return {"released": True, "thinker_layers": args.thinker_layers, "encoders": encoders}, OmniModel.random(
+            config, device=device, dtype=dtype, max_seq_len=4096, encoders=encoders), None
     from hf_checkpoints import omni_config_dict, save_reference_checkpoint
     from transformers import Qwen3OmniMoeForConditionalGeneration
 

@@ -5,7 +5,7 @@
 #   (no argument: build gpu_tests e2e_full talker_frame concurrent moe thinker_batch test)
 #   steps: build, gpu_tests (pytest -m gpu: CUDA ops, graphs, bf16 parity), test (the whole suite on the GPU: Triton
 #   kernels on device), kernels (= moe attention norms code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
-#   pacing (the speech engine's prefill pacer with a long prompt), tune
+#   pacing (the speech engine's prefill pacer with a long prompt), pacing_audio (its encoder pacing), tune
 # The default order fits one call of a 15-minute lease: what only a GPU can show first, headline figures next.
 #   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
 #
@@ -89,6 +89,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
           --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 4 --arrival-ms 200 --long-prompt-tokens 3000 \
           --repeats 1 $mode
       done ;;
+    pacing_audio)  # 240 s of audio (the released audio encoder runs at admission) arrives while three answers speak
+      step pacing_audio 200 python3 bench/concurrent_speech.py --device cuda --dtype bfloat16 --full-size \
+        --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 4 --arrival-ms 200 --audio-seconds 240 --repeats 1 ;;
     thinker_batch) step thinker_batch 150 python3 bench/thinker_batch.py --device cuda --dtype bfloat16 --full-size \
       --batches 1,2,4,8,16 ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;

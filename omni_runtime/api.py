@@ -131,16 +131,17 @@ class OmniModel:
 
     @classmethod
     def random(cls, config: dict, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
-               seed: int = 0, max_seq_len: int | None = None) -> OmniModel:
+               seed: int = 0, max_seq_len: int | None = None, encoders: bool = False) -> OmniModel:
         """A model with random weights built straight on ``device`` from a ``config.json``-shaped dict (no
-        checkpoint, no encoders): the built-in demo model, and full-size benchmarks (``demo.RELEASED_CONFIG``)."""
+        checkpoint): the built-in demo model, and full-size benchmarks (``demo.RELEASED_CONFIG``). ``encoders``:
+        also the audio and vision encoders of the config's ``audio_config``/``vision_config``."""
         from omni_runtime.demo import random_module
 
         device, dtype = _check_device_dtype(device, dtype)
         parsed = OmniConfig.from_dict(config)
         generator = torch.Generator(device=device).manual_seed(seed)
         modules = {name: random_module(build, dtype, device, generator).eval().requires_grad_(False)
-                   for name, _, build in _components(parsed, files={})}
+                   for name, _, build in _components(parsed, files={}, encoders=encoders)}
         limit = parsed.thinker_text.max_position_embeddings
         return cls(parsed, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
 
@@ -587,10 +588,11 @@ def _per_prompt(value, count: int, name: str) -> list:
     return values
 
 
-def _components(config: OmniConfig, files: dict) -> list[tuple[str, str, callable]]:
-    """(name, checkpoint prefix, constructor) of every part the checkpoint and its config hold."""
+def _components(config: OmniConfig, files: dict, encoders: bool | None = None) -> list[tuple[str, str, callable]]:
+    """(name, checkpoint prefix, constructor) of every part the checkpoint and its config hold; ``encoders``: build
+    the encoders the config describes (True) or none (False) whatever ``files`` hold."""
     thinker_raw = config.raw.get("thinker_config", {})
-    has = lambda prefix: any(key.startswith(prefix) for key in files)  # noqa: E731
+    has = lambda prefix: any(key.startswith(prefix) for key in files) if encoders is None else encoders  # noqa: E731
     parts = [("thinker", Thinker.checkpoint_prefix, lambda: Thinker(config.thinker_text))]
     if "audio_config" in thinker_raw and has(AUDIO_PREFIX):
         parts.append(("audio_encoder", AUDIO_PREFIX,

@@ -69,11 +69,14 @@ def _released_rope() -> dict:
 
 
 # The released Qwen3-Omni-30B-A3B sizes (spec section 2), for benchmarks with random weights on a GPU (~35 B
-# parameters: 70 GB in bf16). No audio or vision encoder: the benchmarks feed text prompts.
+# parameters: 70 GB in bf16). The encoders are built only when asked (OmniModel.random(encoders=True)): the audio
+# encoder's class defaults are the release's but for output_dim, the vision encoder's are the release's.
 RELEASED_CONFIG = {
     **{k: v for k, v in DEMO_CONFIG.items() if k.endswith("_token_id") or k in ("model_type", "enable_audio_output")},
     "thinker_config": {
         **{k: v for k, v in DEMO_CONFIG["thinker_config"].items() if k != "text_config"},
+        "audio_config": {"output_dim": 2048},
+        "vision_config": {},
         "text_config": {
             "vocab_size": 152064, "hidden_size": 2048, "num_hidden_layers": 48, "num_attention_heads": 32,
             "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 768, "moe_intermediate_size": 768,

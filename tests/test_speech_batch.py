@@ -479,6 +479,36 @@ def test_encoders_wait_for_slack_and_text_requests_pass_them(reference_checkpoin
         assert_same_answers([parts[rid].output(e.finish_reason, 16, model.device)], [e])
 
 
+def test_random_model_with_encoders_speaks_about_audio():
+    # OmniModel.random(encoders=True) builds the config's encoders (the full-size benchmarks' audio requests);
+    # without, an audio prompt is refused by name
+    import copy
+
+    import numpy as np
+
+    from omni_runtime.demo import DEMO_CONFIG
+    config = copy.deepcopy(DEMO_CONFIG)
+    config["thinker_config"]["audio_config"] = dict(
+        encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, downsample_hidden_size=16,
+        output_dim=config["thinker_config"]["text_config"]["hidden_size"])
+    model = OmniModel.random(config, encoders=True)
+    assert model.audio_encoder is not None and model.vision_encoder is None   # the config has no vision_config
+    assert OmniModel.random(config).audio_encoder is None
+    wave = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    prompt = model.prepare([{"role": "user", "content": [{"type": "audio", "audio": wave, "sample_rate": 16000}]}])
+    kwargs = dict(max_new_tokens=3, eos_token_id=None, talker_max_new_tokens=4, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=2)
+    ids = [engine.submit(p, **kwargs) for p in (prompt, chat_prompt(1))]
+    parts = {}
+    for rid, event in engine.events():
+        parts.setdefault(rid, SpokenParts()).add(event)
+    assert engine.pacer.encoders.fit is not None
+    for rid, p in zip(ids, (prompt, chat_prompt(1))):   # the demo's Code2Wav is wider: its waveform rounds more
+        got, expected = parts[rid].output("length", 16, model.device), alone(model, p, **kwargs)
+        assert got.text_ids == expected.text_ids and torch.equal(got.codes, expected.codes)
+        torch.testing.assert_close(got.audio, expected.audio, atol=1e-4, rtol=0)
+
+
 def test_media_prompts_speak_in_a_batch(reference_checkpoint):
     from test_multimodal_parity import CASES, chat, media_inputs
     model = OmniModel.from_pretrained(reference_checkpoint()[0])
