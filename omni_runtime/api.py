@@ -24,7 +24,7 @@ from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStrea
 from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
-from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt
+from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt, media_token_count
 from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
@@ -340,7 +340,7 @@ class OmniModel:
         assistant_start(ids, self.config.tokens)
         self._check_talker_room(ids, talker_max_new_tokens, self.talker_runner.max_len)
         return SpeechRequest(ids, media, self._thinker_sampler(thinker_sampling), self._eos_ids(eos_token_id),
-                             max_new_tokens, options)
+                             max_new_tokens, options, media_token_count(ids, self.config.tokens))
 
     def _speech_requests(self, prompts, max_new_tokens, eos_token_id, thinker_sampling, speaker,
                          talker_max_new_tokens, talker_sampling, predictor_sampling, first_chunk_frames=1,

@@ -45,7 +45,7 @@ from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
-from omni_runtime.multimodal import MediaInputs, media_token_count, talker_positions
+from omni_runtime.multimodal import MediaInputs, talker_positions
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows, text_event)
@@ -60,6 +60,7 @@ class SpeechRequest:
     eos: set[int]
     max_new_tokens: int
     options: SpeechOptions
+    media_tokens: int                 # its audio/image/video placeholders: what its encoders make
 
 
 @dataclass
@@ -206,24 +207,22 @@ class SpeechEngine:
         for index, request in list(self.waiting.items()):
             if len(indices) == free:
                 break
-            media_tokens = media_token_count(request.ids, self.model.config.tokens)
+            media_tokens = request.media_tokens
             waited = self.encoder_waits.get(index, 0)
             if not self.pacer.admits_encoders(media_tokens, slacks, beat, self.prefill_seconds, waited):
                 self.encoder_waits[index] = waited + 1
                 continue
+            self.waiting.pop(index)
+            self.encoder_waits.pop(index, None)
             try:
                 with self._timed() if media_tokens else nullcontext() as elapsed:
                     prompt = self.model._build_prompt(index, request.ids, request.media)
             except ValueError:   # media that disagree with their placeholders: that request alone is dropped
-                self.waiting.pop(index)
-                self.encoder_waits.pop(index, None)
                 self.waiting = {**dict(zip(indices, requests)), **self.waiting}   # the others wait again
                 raise
             if media_tokens:
                 self.prefill_seconds += elapsed()
                 self.pacer.record_encoders(media_tokens, elapsed())
-            self.waiting.pop(index)
-            self.encoder_waits.pop(index, None)
             indices.append(index)
             requests.append(request)
             starts.append((request.ids, prompt, request.thinker_sampler, request.eos, request.max_new_tokens))
