@@ -182,6 +182,7 @@ class ChunkedPrefill:
         self.runner, self.row, self.start, self.capture_layer, self.timer = runner, row, start, capture_layer, timer
         self.done = 0
         self.captured: list[torch.Tensor] = []   # the hidden state number capture_layer of each chunk
+        self.chunk_starts: list[int] = []        # the first prompt token of each chunk
 
     @property
     def remaining(self) -> int:
@@ -191,13 +192,21 @@ class ChunkedPrefill:
         end = self.done + min(tokens, self.remaining)
         with self.timer("thinker prefill"):
             logits, captured = self.runner.prefill_part(self.row, self.start[1], self.done, end, self.capture_layer)
-        self.done = end
         if captured is not None:
             self.captured.append(captured)
+            self.chunk_starts.append(self.done)
+        self.done = end
         if self.remaining:
             return None
         hidden = torch.cat(self.captured, dim=1) if self.captured else None
         return ThinkerStream(None, *_stream_args(self.start), self.capture_layer, self.timer, (logits, hidden))
+
+    def captured_between(self, start: int, end: int) -> torch.Tensor:
+        """The hidden state number ``capture_layer`` of prompt tokens ``start:end``, all prefilled -> [1, end - start,
+        H]."""
+        parts = [chunk[:, max(start - first, 0):end - first] for first, chunk in zip(self.chunk_starts, self.captured)
+                 if first < end and first + chunk.shape[1] > start]
+        return torch.cat(parts, dim=1)
 
 
 def advance_prefills(prefills: list[ChunkedPrefill], budget: int) -> list[tuple[ChunkedPrefill, ThinkerStream]]:

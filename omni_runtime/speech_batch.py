@@ -14,8 +14,9 @@ for its audio/vision encoders, which run whole at admission (a request held back
 ``patience`` ticks; text requests behind it are admitted meanwhile). The thinker prefills of the requests admitted in
 one tick run together. A tick prefills what the pacer allows: the engine's ``prefill_tokens`` at most, fewer when an
 answer already speaking has little audio in hand; a longer prompt prefills a chunk per tick (``ChunkedPrefill``), so
-a long prompt's thinker prefill does not stall the answers already speaking. Not paced yet: an answer's talker
-prefill (the user turn plus 9 rows) runs whole when it starts speaking.
+a long prompt's thinker prefill does not stall the answers already speaking. Its talker prefill (the user turn's
+rows) follows each chunk in the same tick, so the tick its speech starts prefills only the last chunk's rows and the
+9 assistant rows; a short prompt's talker prefill (all of it) runs in the tick of its first token.
 
 As in the single-request pipeline (pipeline.py) the talker starts after the thinker's first token (in the tick that
 draws it) and never waits for the whole text, and the first frame's predictor runs right after the talker's prefill;
@@ -43,7 +44,7 @@ from omni_runtime.engine.lease import RunnerLease
 from omni_runtime.engine.prefill_pacer import PrefillPacer
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
-                                               talker_prefill_embeds)
+                                               talker_assistant_embeds, talker_user_embeds)
 from omni_runtime.engine.thinker_batch import BatchedThinkerRunner
 from omni_runtime.multimodal import MediaInputs, talker_positions
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
@@ -83,6 +84,9 @@ class SpokenAnswer:
     speech_done: bool = False
     events: list[StreamEvent] = field(default_factory=list)
     prefill: ChunkedPrefill | None = None           # the long prompt's prefill until its last chunk
+    talker_prompt: int = 0                          # prompt tokens whose user-turn rows its talker cache holds
+    talker_cached: int = 0                          # those rows
+    talker_positions: torch.Tensor | None = None    # [3, 1, U + 9] of its talker prefill, once needed
     first_audio_at: float | None = None             # the engine's clock when its first packet went out
     audio_seconds: float = 0.0                      # audio sent so far
 
@@ -253,10 +257,36 @@ class SpeechEngine:
             return
         with self._prefilling(min(self.prefill_budget, sum(a.prefill.remaining for a in prefilling.values()))):
             finished = advance_prefills([a.prefill for a in prefilling.values()], self.prefill_budget)
+            for prefill, stream in finished:
+                answer = prefilling[id(prefill)]
+                answer.thinker, answer.prefill = stream, None
+            for answer in prefilling.values():
+                if answer.prefill is not None:
+                    self._talker_follows(answer)
         self.chunk_advanced = True
-        for prefill, stream in finished:
-            answer = prefilling[id(prefill)]
-            answer.thinker, answer.prefill = stream, None
+
+    def _talker_follows(self, answer: SpokenAnswer) -> None:
+        """The talker rows of the user-turn tokens the thinker has prefilled since the last call, into the answer's
+        talker row: a long prompt's talker prefill runs behind its chunks, in ticks the pacer has room in, and only
+        the last chunk's rows and the 9 assistant rows are left for the tick its speech starts (which the first
+        packet waits for). Its cost is counted as the chunk's."""
+        start, end = answer.talker_prompt, answer.prefill.done
+        if end <= start:
+            return
+        model, cfg = self.model, self.model.config
+        ids = answer.request.ids
+        embeds = talker_user_embeds(model.talker, cfg.talker, cfg.tokens, ids, answer.prompt_embeds,
+                                    answer.prefill.captured_between(start, end), start, end)    # [1, u, H]
+        if embeds.shape[1]:
+            positions = self._talker_positions(answer)[..., answer.talker_cached:answer.talker_cached + embeds.shape[1]]
+            self.talker_rows.extend(answer.talker_row, embeds, positions, answer.talker_cached)
+        answer.talker_prompt, answer.talker_cached = end, answer.talker_cached + embeds.shape[1]
+
+    def _talker_positions(self, answer: SpokenAnswer) -> torch.Tensor:
+        if answer.talker_positions is None:
+            answer.talker_positions = talker_positions(answer.request.ids, answer.request.media, self.model.config,
+                                                       self.model.vision_encoder)
+        return answer.talker_positions
 
     @contextmanager
     def _timed(self):
@@ -298,13 +328,19 @@ class SpeechEngine:
                     if not a.started and a.thinker is not None and a.text.ready(ASSISTANT_TEXT_ROWS)]
         if not starting:
             return
-        embeds = [talker_prefill_embeds(self.model.talker, cfg, tokens, a.request.ids, a.prompt_embeds,
-                                        a.thinker.prompt_hidden, a.text, a.request.options.speaker_id)
-                  for a in starting]
-        positions = [talker_positions(a.request.ids, a.request.media, self.model.config, self.model.vision_encoder)
-                     for a in starting]
-        with self.timer("talker prefill"):
-            prefilled = self.talker_rows.prefill_many([a.talker_row for a in starting], embeds, positions)
+        talker = self.model.talker
+        hidden = [None if a.thinker.prompt_hidden is None else a.thinker.prompt_hidden[:, a.talker_prompt:]
+                  for a in starting]                                   # of the prompt tokens its talker lacks
+        embeds = [torch.cat([talker_user_embeds(talker, cfg, tokens, a.request.ids, a.prompt_embeds, h,
+                                                a.talker_prompt),
+                             talker_assistant_embeds(talker, cfg, a.text, a.request.options.speaker_id)], dim=1)
+                  for a, h in zip(starting, hidden)]                   # [1, U + 9 - rows it holds, H] each
+        positions = [self._talker_positions(a)[..., a.talker_cached:] for a in starting]
+        # prompt work: its seconds are not a tick's (which the pacer expects the next ticks to take)
+        with self.timer("talker prefill"), self._timed() as elapsed:
+            prefilled = self.talker_rows.prefill_many([a.talker_row for a in starting], embeds, positions,
+                                                      [a.talker_cached for a in starting])
+        self.prefill_seconds += elapsed()
         code0 = []
         for answer, (logits, _) in zip(starting, prefilled):
             opts = answer.request.options

@@ -717,3 +717,88 @@ def test_a_frame_step_keeps_only_the_runners_suppress_mask(model):
             runner.frame([row], torch.zeros(1, 1, hidden_size))
             assert len(runner.steps) == kept
             runner.release(row)
+
+
+@pytest.mark.parametrize("case", ["audio", "video with its audio"])
+def test_long_media_prompt_prefills_its_talker_behind_its_chunks(reference_checkpoint, monkeypatch, case):
+    # A media prompt prefilled in chunks of 16: after each chunk the talker row holds the user-turn rows of the
+    # tokens prefilled so far (audio/video rows from the chunk's captured hidden states), and the tick its speech
+    # starts prefills only the rest and the 9 assistant rows. The answer is the one the prompt gets alone.
+    from omni_runtime.engine.talker_prompt import user_positions
+    from test_multimodal_parity import CASES, chat, media_inputs
+    model = OmniModel.from_pretrained(reference_checkpoint()[0])
+    prompt = {"input_ids": torch.tensor([chat(CASES[case]).ids]), **media_inputs(chat(CASES[case]))}
+    kwargs = dict(max_new_tokens=5, eos_token_id=IM_END, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, prompt, **kwargs)
+    user = user_positions(prompt["input_ids"][0], model.config.tokens)
+    engine = model.speech_engine(max_batch=2, prefill_tokens=16)
+    engine.pacer.clock = lambda: 0.0
+    started = []
+    prefill_many = engine.talker_rows.prefill_many
+
+    def spy(rows, embeds, positions, starts=None):
+        started.append((starts, [e.shape[1] for e in embeds]))
+        return prefill_many(rows, embeds, positions, starts)
+
+    monkeypatch.setattr(engine.talker_rows, "prefill_many", spy)
+    rid = engine.submit(prompt, **kwargs)
+    parts, cached = {}, []
+    while not engine.live or engine.live[0].prefill is not None:
+        gather(parts, engine.step())
+        answer = engine.live[0]
+        if answer.prefill is not None:
+            rows = int((user < answer.prefill.done).sum())
+            assert answer.talker_cached == rows == engine.talker_rows.host_lengths[answer.talker_row]
+            cached.append(answer.talker_cached)
+    assert len(cached) >= 2 and cached[-1] > 0
+    assert started == [([cached[-1]], [user.numel() - cached[-1] + 9])]
+    assert_same_answers([output(run_engine(engine, parts)[rid], model)], [expected])
+
+
+def test_talker_follows_again_after_an_error(model, monkeypatch):
+    # A talker prefill behind a chunk that fails leaves its rows to the next tick's, which catches up. Chunks of 10
+    # of a 40-token prompt whose user turn is tokens 10..36: the first chunk has no talker rows, the second's fail.
+    long = chat_prompt(5, user_len=22)
+    kwargs = dict(max_new_tokens=5, eos_token_id=None, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, long, **kwargs)
+    engine = model.speech_engine(max_batch=2, prefill_tokens=10)
+    engine.pacer.clock = lambda: 0.0
+    extend = engine.talker_rows.extend
+    calls = []
+
+    def fail_once(*args):
+        calls.append(args[3])
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return extend(*args)
+
+    monkeypatch.setattr(engine.talker_rows, "extend", fail_once)
+    rid = engine.submit(long, **kwargs)
+    parts = gather({}, engine.step())
+    answer = engine.live[0]
+    assert answer.prefill.done == 10 and (answer.talker_prompt, answer.talker_cached) == (10, 0) and not calls
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    assert answer.prefill.done == 20 and (answer.talker_prompt, answer.talker_cached) == (10, 0)
+    gather(parts, engine.step())   # the failed chunk's rows and the next one's, in one forward
+    assert calls == [0, 0] and (answer.talker_prompt, answer.talker_cached) == (30, 20)
+    assert_same_answers([output(run_engine(engine, parts)[rid], model)], [expected])
+
+
+def test_talker_prefill_is_prompt_work_not_tick_time(model, monkeypatch):
+    # a talker prefill's seconds are prompt work: the pacer's tick times (what it expects the next ticks to take)
+    # leave them out
+    now = [0.0]
+    prefill_many = model.batched_talker.prefill_many
+
+    def slow(*args):
+        now[0] += 1.0
+        return prefill_many(*args)
+
+    kwargs = dict(max_new_tokens=4, eos_token_id=None, talker_max_new_tokens=5, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=2)
+    monkeypatch.setattr(engine.talker_rows, "prefill_many", slow)
+    engine.pacer = PrefillPacer(clock=lambda: now[0])
+    engine.submit(chat_prompt(1), **kwargs)
+    run_engine(engine)
+    assert now[0] == 1.0 and max(engine.pacer.ticks) == 0.0

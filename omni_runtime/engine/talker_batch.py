@@ -75,22 +75,34 @@ class BatchedTalkerRunner(BatchedRows):
         self.predictor_draws[row] = self._draw_like(predictor_sampler, self.predictor_generators[row])
 
     @torch.inference_mode()
-    def prefill(self, row: int, embeds: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds: [1, L, H], positions: [3, 1, L] of the answer in ``row`` -> (codec logits fp32 [1, V], last
-        post-norm hidden [1, 1, H]), as ``TalkerRunner.prefill``."""
-        ctx, cache = self.prefill_context(row, positions)
-        hidden = self.talker.model(embeds, ctx, cache)
+    def prefill(self, row: int, embeds: torch.Tensor, positions: torch.Tensor,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds: [1, L, H], positions: [3, 1, L] of the answer in ``row``, after the ``start`` prompt rows the row
+        holds already (``extend``) -> (codec logits fp32 [1, V], last post-norm hidden [1, 1, H]), as
+        ``TalkerRunner.prefill``."""
+        hidden = self.extend(row, embeds, positions, start)
         return self.talker.codec_head(hidden)[:, -1].float(), hidden[:, -1:]
 
     @torch.inference_mode()
-    def prefill_many(self, rows: list[int], embeds: list[torch.Tensor],
-                     positions: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def extend(self, row: int, embeds: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """Prompt rows ``start:start + L`` (embeds [1, L, H] at positions [3, 1, L]) into ``row``'s cache, which holds
+        the first ``start`` -> their post-norm hidden states [1, L, H]. Attention reads the cached rows, so a prompt
+        given in parts leaves the cache a whole prefill does, up to the rounding of GEMMs over fewer rows."""
+        ctx, cache = self.prefill_context(row, positions, start)
+        return self.talker.model(embeds, ctx, cache)
+
+    @torch.inference_mode()
+    def prefill_many(self, rows: list[int], embeds: list[torch.Tensor], positions: list[torch.Tensor],
+                     starts: list[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The answers in ``rows`` that start together: ``prefill``'s inputs and outputs for each, in their order,
-        right-padded into one forward per group of ``prefill_tokens`` padded tokens (``prefill_padded``)."""
+        right-padded into one forward per group of ``prefill_tokens`` padded tokens (``prefill_padded``); an answer
+        whose row holds the first ``starts[i]`` prompt rows already prefills the rest alone."""
+        starts = starts or [0] * len(rows)
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for group in self.prefill_groups([e.shape[1] for e in embeds]):
+        for group in self.prefill_groups([e.shape[1] for e in embeds], {i for i, s in enumerate(starts) if s}):
             if len(group) == 1:
-                out[group[0]] = self.prefill(rows[group[0]], embeds[group[0]], positions[group[0]])
+                i = group[0]
+                out[i] = self.prefill(rows[i], embeds[i], positions[i], starts[i])
                 continue
             hidden, lengths = self.prefill_padded([rows[j] for j in group], [embeds[j] for j in group],
                                                   [positions[j] for j in group], self.talker.model)   # [n, L, H]

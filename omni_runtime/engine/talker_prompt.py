@@ -66,20 +66,39 @@ class TextConditioner:
         return self.eos if row == self.spoken_rows else self.pad
 
 
-def talker_prefill_embeds(talker: Talker, cfg: TalkerConfig, tokens: SpecialTokens, ids: torch.Tensor,
-                          prompt_embeds: torch.Tensor, prompt_hidden: torch.Tensor | None,
-                          text: TextConditioner, speaker_id: int) -> torch.Tensor:
-    """ids: [P], prompt_embeds/prompt_hidden: [1, P, Ht] (layer-0 inputs / accepted hidden layer) -> [1, U + 9, H]."""
+def talker_user_embeds(talker: Talker, cfg: TalkerConfig, tokens: SpecialTokens, ids: torch.Tensor,
+                       prompt_embeds: torch.Tensor, prompt_hidden: torch.Tensor | None, start: int = 0,
+                       end: int | None = None) -> torch.Tensor:
+    """The talker's rows of the user-turn tokens among prompt tokens ``start:end``: ids [P], prompt_embeds [1, P, Ht]
+    (layer-0 inputs), prompt_hidden [1, end - start, Ht] (the accepted hidden layer of those tokens) -> [1, u, H].
+    Audio, image and video tokens take the projected hidden state, text tokens the projected embedding."""
+    end = ids.numel() if end is None else end
     user = user_positions(ids, tokens)
-    multimodal = (ids == tokens.audio) | (ids == tokens.image) | (ids == tokens.video)
-    user_part = prompt_embeds.new_empty(1, ids.numel(), cfg.text.hidden_size)
+    user = user[(user >= start) & (user < end)]
+    kind = ids[user]
+    multimodal = (kind == tokens.audio) | (kind == tokens.image) | (kind == tokens.video)
+    rows = prompt_embeds.new_empty(1, user.numel(), cfg.text.hidden_size)
     if multimodal.any():
-        user_part[:, multimodal] = talker.hidden_projection(prompt_hidden[:, multimodal])
-    user_part[:, ~multimodal] = talker.text_projection(prompt_embeds[:, ~multimodal])
+        rows[:, multimodal] = talker.hidden_projection(prompt_hidden[:, user[multimodal] - start])
+    rows[:, ~multimodal] = talker.text_projection(prompt_embeds[:, user[~multimodal]])
+    return rows
+
+
+def talker_assistant_embeds(talker: Talker, cfg: TalkerConfig, text: TextConditioner, speaker_id: int) -> torch.Tensor:
+    """The 9 assistant rows that end the talker's prefill (text side + codec side, the module docstring) -> [1, 9, H];
+    they need the first generated token's row."""
     codec_ids = torch.tensor([[cfg.codec_nothink, cfg.codec_think_bos, cfg.codec_think_eos, speaker_id,
-                               cfg.codec_pad, cfg.codec_bos]], device=ids.device)
+                               cfg.codec_pad, cfg.codec_bos]], device=text.pad.device)
     text_side = torch.cat([*(text.row(r) for r in range(ASSISTANT_TEXT_ROWS)), text.pad.expand(1, 4, -1), text.bos,
                            text.row(ASSISTANT_TEXT_ROWS)], dim=1)                          # [1, 9, H]
     codec_side = torch.cat([text_side.new_zeros(1, ASSISTANT_TEXT_ROWS, text_side.shape[-1]),
                             talker.model.codec_embedding(codec_ids)], dim=1)             # [1, 9, H]
-    return torch.cat([user_part[:, user], text_side + codec_side], dim=1)
+    return text_side + codec_side
+
+
+def talker_prefill_embeds(talker: Talker, cfg: TalkerConfig, tokens: SpecialTokens, ids: torch.Tensor,
+                          prompt_embeds: torch.Tensor, prompt_hidden: torch.Tensor | None,
+                          text: TextConditioner, speaker_id: int) -> torch.Tensor:
+    """ids: [P], prompt_embeds/prompt_hidden: [1, P, Ht] (layer-0 inputs / accepted hidden layer) -> [1, U + 9, H]."""
+    return torch.cat([talker_user_embeds(talker, cfg, tokens, ids, prompt_embeds, prompt_hidden),
+                      talker_assistant_embeds(talker, cfg, text, speaker_id)], dim=1)
