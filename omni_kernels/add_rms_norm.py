@@ -42,7 +42,8 @@ def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, out_ptr, rows, hidden, sx
 
 
 def add_rms_norm_triton(x, residual, weight, eps):
-    if x.dtype not in _TRITON_DTYPES or residual.dtype != x.dtype or weight.dtype != x.dtype:
+    if (x.dtype not in _TRITON_DTYPES or residual.dtype != x.dtype or weight.dtype != x.dtype
+            or x.numel() == 0):   # no row to launch for (and no hidden size to reshape by)
         return add_rms_norm_ref(x, residual, weight, eps)
     hidden = x.shape[-1]
     x2, r2 = x.reshape(-1, hidden), residual.reshape(-1, hidden)
@@ -69,7 +70,7 @@ REGISTRY.register("add_rms_norm", "triton", triton_runs, opt_in=True)(add_rms_no
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: (..., H), weight: (H,) -> (x + residual, rms_norm(x + residual, weight, eps))."""
-    if x.shape != residual.shape or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+    if x.dim() == 0 or x.shape != residual.shape or weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)}, residual {tuple(residual.shape)} and weight "
                          f"{tuple(weight.shape)} do not fit")
     return REGISTRY.select("add_rms_norm", x.device).fn(x, residual, weight, eps)

@@ -508,12 +508,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
                                    or q.shape[2] != k.shape[2]):
         raise ValueError(f"attention: cu_seqlens must be a 1-D integer tensor over Tq == Tk tokens, got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)} for Tq {q.shape[2]}, Tk {k.shape[2]}")
+    if cu_seqlens is not None and not _capturing(q):
+        _check_boundaries(cu_seqlens, q.shape[2])
     return REGISTRY.select("attention", q.device).fn(q, k, v, scale, causal, window, cu_seqlens)
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a check that reads the device (a host sync) must be skipped: a CUDA graph capture or a trace."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_boundaries(cu_seqlens: torch.Tensor, length: int) -> None:
+    cu = cu_seqlens.tolist()
+    if not cu or cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"attention: cu_seqlens must rise from 0 to the {length} tokens, got {cu}")
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, window: int | None = None) -> torch.Tensor:
     """See :func:`decode_attention_ref`. Lengths are not range-checked (that needs a host sync); callers do it."""
+    if q.dim() != 4 or k_cache.dim() != 4:
+        raise ValueError(f"decode_attention: q and the caches must be (B, H, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}")
     B, Hq, _, D = q.shape
     if (k_cache.shape[0] != B or Hq % k_cache.shape[1] or k_cache.shape[-1] != D
             or v_cache.shape != k_cache.shape or q.shape[2] > k_cache.shape[2]):

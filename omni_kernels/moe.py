@@ -117,7 +117,7 @@ def fused_moe_custom_op(name: str, impl):
                                                               shared_gate)
         return impl(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared)
 
-    op.register_fake(lambda x, *args: torch.empty_like(x))
+    op.register_fake(lambda x, *args: x.new_empty(x.shape))   # row-major (T, H), whatever x's layout
 
     def call(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared):
         if torch.compiler.is_compiling():   # traced as one opaque op
@@ -143,6 +143,9 @@ def fused_moe(
     shared: SharedExpert | None = None,
 ) -> torch.Tensor:
     """x: (T, H), router_weight: (E, H), w_gate_up: (E, 2I, H), w_down: (E, H, I) -> (T, H)."""
+    if w_gate_up.dim() != 3 or w_gate_up.shape[1] % 2:
+        raise ValueError(f"fused_moe: gate_up must be (E, 2I, H), gate rows then up rows, got "
+                         f"{tuple(w_gate_up.shape)}")
     num_experts, two_i, hidden = w_gate_up.shape
     if x.dim() != 2 or x.shape[1] != hidden or router_weight.shape != (num_experts, hidden) \
             or w_down.shape != (num_experts, hidden, two_i // 2):

@@ -65,7 +65,7 @@ def _rms_norm_cuda(x, weight, eps, out):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: (..., hidden), weight: (hidden,). Writes into ``out`` when given (same shape as x) and returns it."""
-    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+    if weight.dim() != 1 or x.dim() == 0 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match hidden size {x.shape[-1]}")
     if out is not None and out.shape != x.shape:
         raise ValueError(f"rms_norm: out {tuple(out.shape)} must have the shape of x {tuple(x.shape)}")

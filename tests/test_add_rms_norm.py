@@ -22,11 +22,16 @@ def test_reference_is_add_then_rms_norm(dtype):
 @needs_triton
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("rows, hidden", [(1, 1), (7, 7), (33, 129), (2, 2048)])
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_triton_matches_reference(dtype, rows, hidden, strided):
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "column-strided"])
+def test_triton_matches_reference(dtype, rows, hidden, layout):
+    # row-strided: rows of a wider tensor (the kernel's row strides, x's and the residual's unequal); column-strided:
+    # every other element (copied first)
     g = torch.Generator().manual_seed(rows * hidden)
-    x, r = (torch.randn(rows, 2 * hidden if strided else hidden, generator=g) for _ in range(2))
-    x, r = ((t[:, ::2] if strided else t).to(DEVICE, dtype) for t in (x, r))
+    wide = {"contiguous": (hidden, hidden), "row-strided": (hidden + 3, hidden + 5),
+            "column-strided": (2 * hidden, 2 * hidden)}[layout]
+    x, r = (torch.randn(rows, width, generator=g) for width in wide)
+    x, r = (t.to(DEVICE, dtype) for t in (x, r))                 # then sliced: a cast would copy the slice
+    x, r = (t[:, ::2] if layout == "column-strided" else t[:, :hidden] for t in (x, r))
     w = (1 + 0.3 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
     total, normed = add_rms_norm_triton(x, r, w, 1e-6)
     ref_total, ref_normed = ok.add_rms_norm_ref(x, r, w, 1e-6)
@@ -63,6 +68,16 @@ def test_triton_keeps_leading_dims_and_dispatches():
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="do not fit"):
+        ok.add_rms_norm(torch.tensor(1.0), torch.tensor(1.0), torch.ones(1), 1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
         ok.add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         ok.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-6)
+
+
+@needs_triton
+def test_empty_inputs_give_empty_outputs():
+    for shape in ((0, 16), (3, 0)):
+        x = torch.randn(shape).to(DEVICE)
+        total, normed = add_rms_norm_triton(x, x, torch.ones(shape[1], device=DEVICE), 1e-6)
+        assert total.shape == normed.shape == shape

@@ -289,6 +289,11 @@ def test_bad_arguments_and_unsupported_cases():
         ok.attention(q, q, q, 1.0, causal=False, window=4)
     with pytest.raises(ValueError, match="cu_seqlens"):
         ok.attention(q[:, :, :4], q, q, 1.0, cu_seqlens=torch.tensor([0, 8]))
+    for bad in ([2, 8], [0, 5], [0, 6, 3, 8], []):   # not from 0, short of the 8 tokens, falling, none
+        with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the 8 tokens"):
+            ok.attention(q, q, q, 1.0, causal=False, cu_seqlens=torch.tensor(bad, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"decode_attention: .*\(B, H, T, D\)"):
+        ok.decode_attention(q[0], q, q, torch.tensor([8]), 1.0)
     # shapes the kernels would index out of bounds: keys of another batch, values unlike the keys, not 4-D
     with pytest.raises(ValueError, match="does not fit keys"):
         ok.attention(q, q[:, :1].expand(2, 1, 8, 16), q[:, :1].expand(2, 1, 8, 16), 1.0)

@@ -103,11 +103,11 @@ def test_talker_shared_expert(dtype, ulps):
 @pytest.mark.parametrize("tiles", ["default", "small"])
 @pytest.mark.parametrize("T, E, top_k", [(1, 8, 2), (3, 8, 4), (17, 16, 2)])
 def test_decode_and_prefill_paths_agree(T, E, top_k, tiles):
-    # small tiles: several K steps with a masked tail, several N tiles, grouped program order; a transposed w_down
-    # (K not contiguous) checks that strides are honoured
+    # small tiles: several K steps with a masked tail, several N tiles, grouped program order; transposed w_gate_up
+    # and w_down (K not contiguous) check that strides are honoured
     x, router, gate_up, down, _ = moe_inputs(T, E, top_k, 40, 24, torch.float32, seed=7)
     if tiles == "small":
-        down = down.transpose(1, 2).contiguous().transpose(1, 2)
+        gate_up, down = (w.transpose(1, 2).contiguous().transpose(1, 2) for w in (gate_up, down))
     config = SMALL_TILES if tiles == "small" else None
     expected = ok.fused_moe_ref(x, router, gate_up, down, top_k, True)
     decode = moe.fused_moe_triton(x, router, gate_up, down, top_k, True, decode=True, config=config)
@@ -220,6 +220,11 @@ def test_custom_op_has_a_fake_and_traces():
     x, router, gate_up, down, shared = moe_inputs(2, 8, 2, 16, 8, torch.float32, shared_inter=8)
     torch.library.opcheck(torch.ops.omni.fused_moe_triton.default, (x, router, gate_up, down, 2, True, *shared),
                           test_utils=("test_schema", "test_faketensor"))
+    # a column-major x: the output is row-major all the same, and the fakes say so
+    column_major = x.t().contiguous().t()
+    for op in (torch.ops.omni.fused_moe_triton, torch.ops.omni.fused_moe_ref):
+        torch.library.opcheck(op.default, (column_major, router, gate_up, down, 2, True, *shared),
+                              test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     with ok.use_backend("triton", op="fused_moe"):
         step = lambda x: ok.fused_moe(x, router, gate_up, down, 2, True, shared)  # noqa: E731

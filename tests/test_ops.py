@@ -71,8 +71,9 @@ def test_rms_norm_out_and_bad_weight():
     out = torch.empty(5, 16)
     assert ok.rms_norm(x, w, 1e-6, out=out) is out
     torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6))
-    with pytest.raises(ValueError, match="hidden size"):
-        ok.rms_norm(x, torch.randn(15), 1e-6)
+    for bad in (torch.randn(15), torch.tensor(1.0), torch.randn(1, 16)):
+        with pytest.raises(ValueError, match="hidden size"):
+            ok.rms_norm(x, bad, 1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------ RoPE
@@ -292,3 +293,8 @@ def test_fused_moe_rejects_bad_shapes():
         ok.fused_moe(torch.randn(3, 9), router, gate_up, down, 2, True)
     with pytest.raises(ValueError, match="top_k"):
         ok.fused_moe(torch.randn(3, 8), router, gate_up, down, 5, True)
+    # an odd gate_up (7 rows) with a down of 3 columns: no gate/up split fits both
+    with pytest.raises(ValueError, match="gate rows then up rows"):
+        ok.fused_moe(torch.randn(3, 8), router, gate_up[:, :7], down[..., :3], 2, True)
+    with pytest.raises(ValueError, match=r"\(E, 2I, H\)"):
+        ok.fused_moe(torch.randn(3, 8), router, gate_up[0], down, 2, True)

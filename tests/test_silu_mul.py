@@ -21,10 +21,14 @@ def test_reference_is_silu_of_gate_times_up():
 @needs_triton
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
 @pytest.mark.parametrize("rows, inter", [(1, 1), (7, 7), (129, 48), (2, 768), (1, 1025)])
-@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_triton_matches_reference(dtype, rows, inter, strided):
-    x = 3 * torch.randn(rows, 2 * inter + (5 if strided else 0), generator=torch.Generator().manual_seed(rows))
-    x = (x[:, 5:] if strided else x).to(DEVICE, dtype)                       # strided: a row stride past 2I
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "transposed"])
+def test_triton_matches_reference(dtype, rows, inter, layout):
+    g = torch.Generator().manual_seed(rows)
+    if layout == "transposed":                                               # column stride `rows`, row stride 1
+        x = (3 * torch.randn(2 * inter, rows, generator=g)).to(DEVICE, dtype).t()
+    else:                                                                    # row-strided: a row stride past 2I
+        x = 3 * torch.randn(rows, 2 * inter + (5 if layout == "row-strided" else 0), generator=g)
+        x = x.to(DEVICE, dtype)[:, x.shape[1] - 2 * inter:]                 # sliced after the cast, which copies
     out = silu_mul_triton(x)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(out, silu_mul_ref(x), atol=atol, rtol=rtol)
