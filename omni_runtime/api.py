@@ -1,7 +1,9 @@
 """The public API: ``OmniModel.from_pretrained(path)``, ``model.generate(...)`` and ``model.stream(...)``."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from omni_runtime.models.code2wav import Code2Wav, Code2WavConfig, Code2WavStrea
 from omni_runtime.models.talker import Talker
 from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
-from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt, media_token_count
+from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt, check_media, media_token_count
 from omni_runtime.preprocess.vision import preprocessor_kwargs
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
@@ -386,7 +388,9 @@ class OmniModel:
         if "input_ids" not in kwargs:
             raise ValueError("a prompt dict needs input_ids")
         ids = self._check_prompt(kwargs.pop("input_ids"), max_new_tokens)
-        return ids, MediaInputs.from_kwargs(kwargs)
+        media = MediaInputs.from_kwargs(kwargs)
+        check_media(ids, media, self.config, self.audio_encoder, self.vision_encoder)
+        return ids, media
 
     @staticmethod
     def _batch_step(runner: BatchedThinkerRunner, live: dict, outputs: list) -> None:
@@ -495,9 +499,10 @@ class OmniModel:
     def _speech_options(self, speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
                         first_chunk_frames, chunk_frames) -> SpeechOptions:
         """One answer's speech settings (fresh samplers: each answer draws from its own seeds)."""
+        if not isinstance(speaker, str):
+            raise ValueError(f"speaker must be a speaker's name, got {speaker!r}")
         speaker_id = self.config.talker.speaker_id(speaker)
-        if talker_max_new_tokens < 1:
-            raise ValueError(f"talker_max_new_tokens must be >= 1, got {talker_max_new_tokens}")
+        _check_count(talker_max_new_tokens, "talker_max_new_tokens")
         talker_sampling = _check_sampling(talker_sampling, "talker_sampling") or DEFAULT_TALKER_SAMPLING
         predictor_sampling = _check_sampling(predictor_sampling, "code_predictor_sampling")
         if predictor_sampling is None:
@@ -535,8 +540,7 @@ class OmniModel:
         bad = ids[(ids < 0) | (ids >= vocab)]
         if bad.numel():
             raise ValueError(f"input_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5].tolist()}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        _check_count(max_new_tokens, "max_new_tokens")
         max_len = max_len or self.thinker_runner.max_len
         if ids.numel() + max_new_tokens > max_len:
             raise ValueError(f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -547,7 +551,19 @@ class OmniModel:
     def _eos_ids(self, eos_token_id) -> set[int]:
         if eos_token_id is None:
             return set(self.config.eos_token_ids)
-        return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else eos_token_id
+        if isinstance(ids, (str, bytes, dict)) or not isinstance(ids, Iterable) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+        return {int(i) for i in ids}
+
+
+def _check_count(value, name: str) -> None:
+    """A token budget: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _check_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:

@@ -7,13 +7,14 @@ count that disagrees with the features is an error naming both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from omni_runtime.config import OmniConfig, SpecialTokens
 from omni_runtime.engine.talker_prompt import user_positions
-from omni_runtime.positions import rope_positions
+from omni_runtime.models.audio_encoder import audio_token_count
+from omni_runtime.positions import AUDIO_IN_VIDEO, IMAGE, VIDEO, prompt_segments, rope_positions
 
 
 @dataclass
@@ -33,7 +34,26 @@ class MediaInputs:
         unknown = sorted(set(kwargs) - names)
         if unknown:
             raise ValueError(f"unknown generate arguments {unknown}; media inputs are {sorted(names)}")
-        return cls(**kwargs)
+        media = cls(**kwargs)
+        media.check_types()
+        return media
+
+    def check_types(self) -> None:
+        """What the processor returns: tensors (integer masks and grids, floating features), so that a wrong type
+        is refused when a request is checked, not when its encoders run."""
+        floating = ("input_features", "pixel_values", "pixel_values_videos")
+        integer = ("feature_attention_mask", "image_grid_thw", "video_grid_thw")
+        for name in floating + integer:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not torch.is_tensor(value):
+                raise ValueError(f"{name} must be a torch tensor, got {type(value).__name__}")
+            if value.is_floating_point() != (name in floating) or value.is_complex():
+                raise ValueError(f"{name} must be {'a floating point' if name in floating else 'an integer'} "
+                                 f"tensor, got {value.dtype}")
+        if not isinstance(self.use_audio_in_video, bool):
+            raise ValueError(f"use_audio_in_video must be a bool, got {self.use_audio_in_video!r}")
 
     @property
     def has_audio(self) -> bool:
@@ -62,20 +82,53 @@ class PromptInputs:
     deepstack: Deepstack | None = None
 
 
-def audio_features(media: MediaInputs, audio_encoder) -> torch.Tensor:
-    """[N_audio_tokens, H] for every audio, in order."""
+def audio_lengths(media: MediaInputs) -> list[int]:
+    """The mel frames of every audio (its feature_attention_mask's count)."""
     features, mask = media.input_features, media.feature_attention_mask
     if mask is None or features.dim() != 3 or mask.shape != (features.shape[0], features.shape[2]):
         raise ValueError("input_features [n, mel, frames] needs feature_attention_mask [n, frames], got "
                          f"{tuple(features.shape)} and {None if mask is None else tuple(mask.shape)}")
-    lengths = mask.sum(dim=1).tolist()
-    return audio_encoder([features[i, :, :n] for i, n in enumerate(lengths)])
+    return mask.sum(dim=1).tolist()
+
+
+def audio_features(media: MediaInputs, audio_encoder) -> torch.Tensor:
+    """[N_audio_tokens, H] for every audio, in order."""
+    features = media.input_features
+    return audio_encoder([features[i, :, :n] for i, n in enumerate(audio_lengths(media))])
+
+
+def check_media(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, audio_encoder, vision_encoder) -> None:
+    """What ``build_prompt`` would find wrong with a prompt's media, found without running an encoder: an encoder
+    the checkpoint lacks, features of the wrong shape, placeholder counts that disagree with the features (the
+    same errors). Checked when a request is, so a server refuses it before any work starts."""
+    tokens = config.tokens
+    if media.has_audio:
+        if audio_encoder is None:
+            raise ValueError("audio input needs the checkpoint's audio encoder (thinker.audio_tower), absent here")
+        made = sum(audio_token_count(n, audio_encoder.cfg.n_window) for n in audio_lengths(media))
+        _check_count(ids == tokens.audio, made, "audio")
+    for pixels, grid, token, what in ((media.pixel_values, media.image_grid_thw, tokens.image, "image"),
+                                      (media.pixel_values_videos, media.video_grid_thw, tokens.video, "video")):
+        if pixels is None:
+            continue
+        if vision_encoder is None:
+            raise ValueError(f"{what} input needs the checkpoint's vision encoder (thinker.visual), absent here")
+        if grid is None:
+            raise ValueError(f"{what} input needs its {what}_grid_thw")
+        grids = vision_encoder.check_input(pixels, grid, finite=False)   # NaNs: when it runs, not a second pass
+        merge = vision_encoder.cfg.spatial_merge_size
+        _check_count(ids == token, sum(t * h * w for t, h, w in grids) // merge**2, what)
+    prompt_positions(ids, media, config, vision_encoder)   # groups against grids, video seconds, audio in video
+
+
+def _check_count(where: torch.Tensor, features: int, what: str) -> None:
+    if int(where.sum()) != features:
+        raise ValueError(f"the prompt has {int(where.sum())} {what} placeholder tokens but the {what} input gives "
+                         f"{features} features")
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, values: torch.Tensor, what: str) -> None:
-    if int(where.sum()) != values.shape[0]:
-        raise ValueError(f"the prompt has {int(where.sum())} {what} placeholder tokens but the {what} input gives "
-                         f"{values.shape[0]} features")
+    _check_count(where, values.shape[0], what)
     embeds[0, where] = values.to(embeds.dtype)
 
 
@@ -136,7 +189,32 @@ def _joint_deepstack(masks: list[torch.Tensor], deepstacks: list[list[torch.Tens
 
 def talker_positions(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, vision_encoder) -> torch.Tensor:
     """Positions of the talker's prefill: its user part (ids as in the prompt) then 9 assistant slots, laid out
-    like a prompt whose assistant slots are text (the reference runs get_rope_index on these ids)."""
-    talker_ids = torch.cat([ids[user_positions(ids, config.tokens)],
-                            torch.full((9,), config.tokens.tts_pad, dtype=ids.dtype, device=ids.device)])
-    return prompt_positions(talker_ids, media, config, vision_encoder)
+    like a prompt whose assistant slots are text (the reference runs get_rope_index on these ids). Only the user
+    turns' images and videos are in it, so only their grids count (the reference passes all of them, and fails on
+    an image in the system turn)."""
+    user = user_positions(ids, config.tokens)
+    talker_ids = torch.cat([ids[user], torch.full((9,), config.tokens.tts_pad, dtype=ids.dtype, device=ids.device)])
+    return prompt_positions(talker_ids, user_turn_media(ids, user, media, config.tokens), config, vision_encoder)
+
+
+def user_turn_media(ids: torch.Tensor, user: torch.Tensor, media: MediaInputs, tokens: SpecialTokens) -> MediaInputs:
+    """``media`` with the grids of the images and videos outside the user turns (at prompt positions not in
+    ``user``) left out."""
+    if not media.has_visual:
+        return media
+    in_user = set(user.tolist())
+    segments = prompt_segments(ids.tolist(), tokens)
+    images = [s.begin in in_user for s in segments if s.kind == IMAGE]
+    videos = [s.begin in in_user for s in segments if s.kind in (VIDEO, AUDIO_IN_VIDEO)]
+    if all(images) and all(videos):
+        return media
+
+    def keep(rows, kept):
+        if rows is None or len(kept) != len(rows):   # a count the positions refuse by name
+            return rows
+        return rows[torch.tensor(kept, dtype=torch.bool, device=rows.device)] if torch.is_tensor(rows) else \
+            [r for r, k in zip(rows, kept) if k]
+
+    return replace(media, image_grid_thw=keep(media.image_grid_thw, images),
+                   video_grid_thw=keep(media.video_grid_thw, videos),
+                   video_second_per_grid=keep(media.video_second_per_grid, videos))

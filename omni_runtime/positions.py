@@ -188,6 +188,8 @@ def _seconds_per_grid(seconds: torch.Tensor | Sequence[float] | None, n_videos: 
     values = torch.as_tensor([] if seconds is None else seconds, dtype=torch.float32).reshape(-1).cpu()
     if n_videos and len(values) != n_videos:
         raise ValueError(f"the prompt has {n_videos} video(s) but video_second_per_grid has {len(values)} value(s)")
+    if not (torch.isfinite(values) & (values > 0)).all():
+        raise ValueError(f"video_second_per_grid must be finite and > 0, got {values.tolist()}")
     return values
 
 

@@ -5,6 +5,8 @@ top-k, top-p, then a draw from the softmax. Temperature 0 means greedy (argmax) 
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        # checked here, not at the first draw: a bad setting found mid-answer would fail every row of a batch
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("top_k", self.top_k), ("seed", 0 if self.seed is None else self.seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

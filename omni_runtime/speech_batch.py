@@ -26,6 +26,10 @@ its Code2Wav row until its last packet is decoded; the engine forgets a request 
 answer is the one the single-request pipeline gives its prompt: the same rows of text conditioning in the same
 order, its own samplers and seeds, its own codebook-0 history.
 
+A request whose encoders fail at admission, or whose own talker input fails, is dropped and its error (naming the
+request) leaves ``step()``; the others go on from the next tick. A batched forward that fails (out of memory, say)
+leaves every answer as it was, to be tried again next tick.
+
 The engine drives the model's batched runners, whose rows, generators and histories it owns while it lives: it
 holds their lease (engine/lease.py) from its start to ``close()``, so a second engine (or a ``stream_batch`` or
 ``generate_batch``) meanwhile is refused instead of corrupting its answers.
@@ -221,8 +225,10 @@ class SpeechEngine:
             try:
                 with self._timed() if media_tokens else nullcontext() as elapsed:
                     prompt = self.model._build_prompt(index, request.ids, request.media)
-            except ValueError:   # media that disagree with their placeholders: that request alone is dropped
+            except Exception as e:   # e.g. media that disagree with their placeholders: that request alone is dropped
                 self.waiting = {**dict(zip(indices, requests)), **self.waiting}   # the others wait again
+                if not isinstance(e, ValueError):   # a ValueError names its prompt already
+                    e.add_note(f"request {index}'s media failed; it is dropped, the others go on")
                 raise
             if media_tokens:
                 self.prefill_seconds += elapsed()
@@ -273,14 +279,37 @@ class SpeechEngine:
         start, end = answer.talker_prompt, answer.prefill.done
         if end <= start:
             return
-        model, cfg = self.model, self.model.config
-        ids = answer.request.ids
-        embeds = talker_user_embeds(model.talker, cfg.talker, cfg.tokens, ids, answer.prompt_embeds,
-                                    answer.prefill.captured_between(start, end), start, end)    # [1, u, H]
+        model, cfg, cached = self.model, self.model.config, answer.talker_cached
+        with self._alone(answer):   # what this answer's input makes (a forward that fails is tried again)
+            embeds = talker_user_embeds(model.talker, cfg.talker, cfg.tokens, answer.request.ids, answer.prompt_embeds,
+                                        answer.prefill.captured_between(start, end), start, end)   # [1, u, H]
+            positions = self._talker_positions(answer)[..., cached:cached + embeds.shape[1]]
         if embeds.shape[1]:
-            positions = self._talker_positions(answer)[..., answer.talker_cached:answer.talker_cached + embeds.shape[1]]
-            self.talker_rows.extend(answer.talker_row, embeds, positions, answer.talker_cached)
+            self.talker_rows.extend(answer.talker_row, embeds, positions, cached)
         answer.talker_prompt, answer.talker_cached = end, answer.talker_cached + embeds.shape[1]
+
+    def _talker_prompt(self, answer: SpokenAnswer) -> torch.Tensor:
+        """The rest of the answer's talker prefill: the user-turn rows its talker row lacks, then the 9 assistant
+        rows."""
+        model, cfg = self.model, self.model.config
+        start, hidden = answer.talker_prompt, answer.thinker.prompt_hidden
+        user = talker_user_embeds(model.talker, cfg.talker, cfg.tokens, answer.request.ids, answer.prompt_embeds,
+                                  None if hidden is None else hidden[:, start:], start)
+        assistant = talker_assistant_embeds(model.talker, cfg.talker, answer.text, answer.request.options.speaker_id)
+        return torch.cat([user, assistant], dim=1)
+
+    @contextmanager
+    def _alone(self, answer: SpokenAnswer):
+        """Work of this answer alone: if it fails, the answer is dropped (its rows freed) and the error, naming its
+        request, leaves the tick; the other answers go on with the next."""
+        try:
+            yield
+        except Exception as e:
+            self._drop(answer)
+            if isinstance(e, ValueError):
+                raise ValueError(f"request {answer.index}: {e}; it is dropped, the others go on") from e
+            e.add_note(f"request {answer.index} failed; it is dropped, the others go on")
+            raise
 
     def _talker_positions(self, answer: SpokenAnswer) -> torch.Tensor:
         if answer.talker_positions is None:
@@ -323,19 +352,16 @@ class SpeechEngine:
         """Prefills the talker of every answer whose text has reached the first frame's row, the first generated
         token's (together, as one padded forward); their first frames' predictors run together. The answers change
         only once all of it succeeded: after an error they start again in the next tick."""
-        cfg, tokens = self.model.config.talker, self.model.config.tokens
+        cfg = self.model.config.talker
         starting = [a for a in self.live
                     if not a.started and a.thinker is not None and a.text.ready(ASSISTANT_TEXT_ROWS)]
         if not starting:
             return
-        talker = self.model.talker
-        hidden = [None if a.thinker.prompt_hidden is None else a.thinker.prompt_hidden[:, a.talker_prompt:]
-                  for a in starting]                                   # of the prompt tokens its talker lacks
-        embeds = [torch.cat([talker_user_embeds(talker, cfg, tokens, a.request.ids, a.prompt_embeds, h,
-                                                a.talker_prompt),
-                             talker_assistant_embeds(talker, cfg, a.text, a.request.options.speaker_id)], dim=1)
-                  for a, h in zip(starting, hidden)]                   # [1, U + 9 - rows it holds, H] each
-        positions = [self._talker_positions(a)[..., a.talker_cached:] for a in starting]
+        embeds, positions = [], []
+        for answer in starting:
+            with self._alone(answer):   # what this answer's input makes (a forward that fails is tried again)
+                embeds.append(self._talker_prompt(answer))             # [1, U + 9 - rows it holds, H]
+                positions.append(self._talker_positions(answer)[..., answer.talker_cached:])
         # prompt work: its seconds are not a tick's (which the pacer expects the next ticks to take)
         with self.timer("talker prefill"), self._timed() as elapsed:
             prefilled = self.talker_rows.prefill_many([a.talker_row for a in starting], embeds, positions,

@@ -190,3 +190,37 @@ def test_busy_runners_raise_runner_busy_error(model):
 def test_speech_engine_options_are_keyword_only(model):
     with pytest.raises(TypeError):
         model.speech_engine(2, 16)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer, got None"),
+    (dict(max_new_tokens=True), "max_new_tokens must be an integer"),
+    (dict(eos_token_id="x"), "eos_token_id must be a token id or a list of them"),
+    (dict(eos_token_id=[5, 2.0]), "eos_token_id must be a token id or a list of them"),
+    (dict(eos_token_id=1.5), "eos_token_id must be a token id or a list of them"),
+    (dict(return_audio=True, speaker=None), "speaker must be a speaker's name, got None"),
+    (dict(return_audio=True, talker_max_new_tokens=1.5), "talker_max_new_tokens must be an integer"),
+])
+def test_bad_generation_arguments_are_named(model, kwargs, message):
+    # refused when the request is checked, by name (not a TypeError from deep inside, nor silently accepted)
+    with pytest.raises(ValueError, match=message):
+        model.generate([1, 2, 3], **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match=message):
+        model.generate_batch([[1, 2, 3]], **{"max_new_tokens": 2, **kwargs})
+    assert model.generate([1, 2, 3], max_new_tokens=2, eos_token_id=[5, 6]).text_ids
+
+
+@pytest.mark.parametrize("media, message", [
+    (dict(input_features=[[0.0]], feature_attention_mask=torch.ones(1, 1, dtype=torch.long)),
+     "input_features must be a torch tensor, got list"),
+    (dict(input_features=torch.zeros(1, 128, 4), feature_attention_mask=torch.ones(1, 4)),
+     "feature_attention_mask must be an integer tensor, got torch.float32"),
+    (dict(pixel_values=torch.zeros(4, 1536, dtype=torch.long), image_grid_thw=torch.tensor([[1, 2, 2]])),
+     "pixel_values must be a floating point tensor"),
+    (dict(pixel_values=torch.zeros(4, 1536), image_grid_thw=[[1, 2, 2]]), "image_grid_thw must be a torch tensor"),
+    (dict(use_audio_in_video="yes"), "use_audio_in_video must be a bool"),
+])
+def test_media_of_the_wrong_type_is_refused_when_checked(model, media, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate([1, 2, 3], max_new_tokens=2, **media)

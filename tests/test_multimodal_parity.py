@@ -124,3 +124,30 @@ def test_prepare_from_raw_audio_then_generate_matches_reference(checkpoint):
         reference = hf_model.thinker.generate(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                               eos_token_id=IM_END, **inputs)
     assert out.text_ids == reference[0, ids.shape[1]:].tolist()
+
+
+def test_speech_with_an_image_in_the_system_turn(checkpoint):
+    # The talker's prefill holds the user turns only, so its positions count the user turns' images alone (the
+    # reference passes every grid and fails here). A system image (1, 4, 6) and a user image (1, 4, 4): the talker's
+    # positions are those of its ids with the user image's grid; speech runs, alone and in the engine alike.
+    from omni_runtime.engine.talker_prompt import user_positions
+    from omni_runtime.multimodal import MediaInputs, talker_positions
+    from omni_runtime.positions import rope_positions
+    from test_positions import TTS_PAD, Prompt
+    model = OmniModel.from_pretrained(checkpoint[0])
+    prompt = Prompt(ids=[IM_START, 8948, NEWLINE]).image((1, 4, 6))
+    prompt.ids += [IM_END, NEWLINE, IM_START, USER, NEWLINE]
+    prompt.text(2).image((1, 4, 4)).text(3)
+    prompt.ids += [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
+    media = media_inputs(prompt)
+    ids = torch.tensor(prompt.ids)
+    talker_ids = torch.cat([ids[user_positions(ids, model.config.tokens)], torch.full((9,), TTS_PAD)])
+    expected, _ = rope_positions(talker_ids, model.config.tokens, model.config.position_id_per_seconds,
+                                 image_grid_thw=torch.tensor([[1, 4, 4]]))
+    got = talker_positions(ids, MediaInputs.from_kwargs(media), model.config, model.vision_encoder)
+    assert torch.equal(got, expected)
+    kwargs = dict(max_new_tokens=4, eos_token_id=None, talker_max_new_tokens=5, talker_sampling=GREEDY_TALKER)
+    alone = model.generate(ids[None], return_audio=True, **kwargs, **media)
+    assert alone.codes.shape == (16, 4)
+    batched = model.generate_batch([{"input_ids": ids[None], **media}], return_audio=True, **kwargs)[0]
+    assert batched.text_ids == alone.text_ids and torch.equal(batched.codes, alone.codes)

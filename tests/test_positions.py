@@ -247,6 +247,10 @@ def test_video_needs_seconds_per_grid():
     prompt = Prompt().video((2, 2, 2), 1.0)
     with pytest.raises(ValueError, match=r"1 video\(s\) but video_second_per_grid has 0"):
         rope_positions(torch.tensor(prompt.ids), TOKENS, PER_SECOND, video_grid_thw=torch.tensor(prompt.videos))
+    for bad in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="video_second_per_grid must be finite and > 0"):
+            rope_positions(torch.tensor(prompt.ids), TOKENS, PER_SECOND, video_grid_thw=torch.tensor(prompt.videos),
+                           video_second_per_grid=[bad])
 
 
 def test_audio_in_video_flag_must_match_layout():

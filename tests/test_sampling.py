@@ -94,7 +94,12 @@ def test_samples_only_from_the_allowed_set():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
+    (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (dict(top_p=float("nan")), "top_p must be a finite number"), (dict(temperature="0.7"), "temperature"),
+    (dict(top_k=2.5), "top_k must be an integer"), (dict(seed="a"), "seed must be an integer"),
+    (dict(seed=1.0), "seed must be an integer")])
 def test_bad_parameters_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)

@@ -423,14 +423,18 @@ def test_engine_under_a_random_schedule(model, prefill_tokens):
 
 
 def test_engine_drops_a_request_whose_media_fail_and_goes_on(reference_checkpoint):
-    # placeholders and features that disagree show only when the encoders run (at admission): that request fails,
-    # named, and the others admitted with it still run
+    # Placeholders and features that disagree are refused by submit; NaN features show only when the encoders run
+    # (at admission): that request fails, named, and the others admitted with it still run
     from test_multimodal_parity import CASES, chat, media_inputs
     model = OmniModel.from_pretrained(reference_checkpoint()[0])
     good = {"input_ids": torch.tensor([chat(CASES["audio"]).ids]), **media_inputs(chat(CASES["audio"]))}
-    bad = dict(good, input_features=good["input_features"][:, :, :10])   # fewer frames than placeholders
     kwargs = dict(max_new_tokens=4, eos_token_id=IM_END, talker_max_new_tokens=5, talker_sampling=GREEDY_TALKER)
     engine = model.speech_engine(max_batch=3)
+    short = dict(good, input_features=good["input_features"][:, :, :10],   # fewer frames than placeholders
+                 feature_attention_mask=good["feature_attention_mask"][:, :10])
+    with pytest.raises(ValueError, match="33 audio placeholder tokens but the audio input gives 2 features"):
+        engine.submit(short, **kwargs)
+    bad = dict(good, input_features=good["input_features"].index_fill(2, torch.tensor([3]), float("nan")))
     ids = [engine.submit(p, **kwargs) for p in (chat_prompt(1), bad, good)]
     with pytest.raises(ValueError, match=f"prompt {ids[1]}: "):
         engine.step()
@@ -802,3 +806,48 @@ def test_talker_prefill_is_prompt_work_not_tick_time(model, monkeypatch):
     engine.submit(chat_prompt(1), **kwargs)
     run_engine(engine)
     assert now[0] == 1.0 and max(engine.pacer.ticks) == 0.0
+
+
+def test_an_answer_whose_talker_input_fails_is_dropped_and_the_others_go_on(model, monkeypatch):
+    # what one answer's input makes failing (here its talker positions) drops that answer alone, named; the answer
+    # that started with it speaks on, as it does alone
+    kwargs = dict(max_new_tokens=5, eos_token_id=None, talker_max_new_tokens=6, talker_sampling=GREEDY_TALKER)
+    expected = alone(model, chat_prompt(2), **kwargs)
+    engine = model.speech_engine(max_batch=2)
+    ids = [engine.submit(chat_prompt(1), **kwargs), engine.submit(chat_prompt(2), **kwargs)]
+    positions = engine._talker_positions
+
+    def fail_first(answer):
+        if answer.index == ids[0]:
+            raise ValueError("the prompt has 0 image group(s) but image_grid_thw has 1 row(s)")
+        return positions(answer)
+
+    monkeypatch.setattr(engine, "_talker_positions", fail_first)
+    with pytest.raises(ValueError, match=f"request {ids[0]}: the prompt has 0 image .*it is dropped"):
+        engine.step()
+    assert [a.index for a in engine.live] == [ids[1]] and engine.talker_rows.free_rows() == 1
+    parts = run_engine(engine)
+    assert ids[0] not in parts
+    assert_same_answers([output(parts[ids[1]], model)], [expected], reasons=False)
+
+
+def test_admission_error_of_any_kind_keeps_the_other_requests(model, monkeypatch):
+    # an encoder that fails with something else than a ValueError: that request is dropped, named in a note, and the
+    # requests admitted with it wait again instead of vanishing
+    kwargs = dict(max_new_tokens=3, eos_token_id=None, talker_max_new_tokens=4, talker_sampling=GREEDY_TALKER)
+    engine = model.speech_engine(max_batch=3)
+    ids = [engine.submit(chat_prompt(s), **kwargs) for s in (1, 2, 3)]
+    build = model._build_prompt
+
+    def fail_second(index, *args):
+        if index == ids[1]:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return build(index, *args)
+
+    monkeypatch.setattr(model, "_build_prompt", fail_second)
+    with pytest.raises(RuntimeError, match="illegal memory access") as failure:
+        engine.step()
+    assert f"request {ids[1]}" in "".join(failure.value.__notes__)
+    assert list(engine.waiting) == [ids[0], ids[2]]
+    parts = run_engine(engine)
+    assert sorted(parts) == [ids[0], ids[2]]

@@ -222,6 +222,8 @@ def test_pil_image_and_path_inputs(tmp_path):
     (np.zeros((1, 300, 3), np.uint8), "aspect ratio 300"),
     (np.zeros((40, 40, 3), np.int32), "uint8 or floating"),
     ([[0, 0, 0]], "numpy array or a torch tensor"),
+    (np.full((40, 40, 3), np.nan, np.float32), "image contains NaN or Inf"),
+    (np.full((40, 40, 3), np.inf, np.float64), "image contains NaN or Inf"),
 ])
 def test_bad_image(image, match):
     with pytest.raises(ValueError, match=match):
@@ -243,6 +245,7 @@ def test_bad_image_arguments(tmp_path):
     (np.zeros((2, 40, 40, 1), np.uint8), 1.0, r"\[T, H, W, 3\]"),
     (np.zeros((2, 40, 40, 3), np.uint8), 0.0, "fps"),
     (np.zeros((2, 40, 40, 3), np.uint8), float("nan"), "fps"),
+    (np.full((2, 40, 40, 3), np.nan, np.float32), 1.0, "video frames contain NaN or Inf"),
 ])
 def test_bad_video(frames, fps, match):
     with pytest.raises(ValueError, match=match):
@@ -264,6 +267,7 @@ def _tiny_encoder():
     (torch.zeros(24, 1536), [[0, 4, 6]], ">= 1"),
     (torch.zeros(24, 1536), [1, 4, 6], r"\[images, 3\]"),
     (torch.zeros(24, 1536), [[1.0, 4.0, 6.0]], r"integer"),
+    (torch.zeros(24, 1536).index_fill(0, torch.tensor([5]), float("nan")), [[1, 4, 6]], "NaN or Inf"),
 ])
 def test_bad_encoder_input(pixels, grid, match):
     with pytest.raises(ValueError, match=match):

@@ -209,7 +209,7 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """pixel_values: [N, P] in merge-block order, grid_thw: [n, 3] -> (tokens [M, O], DeepStack features: one
         [M, O] per ``deepstack_visual_indexes`` entry, in block order)."""
-        grids = self._check_input(pixel_values, grid_thw)
+        grids = self.check_input(pixel_values, grid_thw)
         x = self.patch_embed(pixel_values)                                              # [N, C]
         x = x + self.position_embedding(grids, x.device).to(x.dtype)
         rope = axial_rope_cos_sin(self.rope_positions(grids, x.device), self.cfg.head_dim, self.cfg.rope_theta)
@@ -240,13 +240,18 @@ class VisionEncoder(nn.Module):
         merge = self.cfg.spatial_merge_size
         return torch.cat([torch.stack(merge_block_coords(h, w, merge, device), -1).repeat(t, 1) for t, h, w in grids])
 
-    def _check_input(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+    def check_input(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                    finite: bool = True) -> list[tuple[int, int, int]]:
+        """The patches and their grids checked (``finite``: for NaN/Inf too, a pass over every patch) -> the grids
+        as (t, h, w)."""
         cfg = self.cfg
         if not torch.is_tensor(pixel_values) or pixel_values.dim() != 2 or pixel_values.shape[1] != cfg.patch_dim:
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a [patches, {cfg.patch_dim}] tensor, got {shape}")
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        if finite and not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or Inf")
         grid = torch.as_tensor(grid_thw)
         if grid.dim() != 2 or grid.shape[1] != 3 or grid.shape[0] == 0 or grid.is_floating_point():
             raise ValueError(f"grid_thw must be a non-empty integer [images, 3] tensor, got {grid.dtype} "

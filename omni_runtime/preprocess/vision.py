@@ -124,6 +124,8 @@ def _as_tensor(array: Any, what: str) -> torch.Tensor:
         raise ValueError(f"{what} must be a numpy array or a torch tensor, got {type(array).__name__}")
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         raise ValueError(f"{what} must be uint8 or floating point (0..255 scale), got {tensor.dtype}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contain NaN or Inf" if what.endswith("s") else f"{what} contains NaN or Inf")
     return tensor.cpu()
 
 
