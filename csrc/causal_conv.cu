@@ -77,8 +77,9 @@ void causal_conv1d(at::Tensor const& x, at::Tensor const& weight, std::optional<
               kOp, "new_state may be state itself, but then with the same strides");
   TORCH_CHECK(!state.has_value() || at::get_overlap_status(new_state, *state) != at::MemOverlapStatus::Partial, kOp,
               "new_state may be state itself, not part of it");
-  TORCH_CHECK(B <= INT32_MAX && C_in <= INT32_MAX && L <= 2000000 && B * C_in <= INT32_MAX && C_out <= 500000,
-              kOp, "sizes out of range (B * C_in <= 2^31 - 1, C_out <= 500000, L <= 2000000), got x ", x.sizes(),
+  // B * C_in: the state kernel's rows, one thread each in 128-thread blocks, indexed in int (rows + 127 < 2^31)
+  TORCH_CHECK(B <= INT32_MAX && C_in <= INT32_MAX && L <= 2000000 && B * C_in <= INT32_MAX - 127 && C_out <= 500000,
+              kOp, "sizes out of range (B * C_in < 2^31 - 128, C_out <= 500000, L <= 2000000), got x ", x.sizes(),
               ", weight ", weight.sizes());
   size_t const smem = omni::CausalConv1dSmemBytes(depthwise, static_cast<int>(K), static_cast<int>(dilation),
                                                   static_cast<int>(L));

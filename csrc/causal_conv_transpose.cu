@@ -85,8 +85,9 @@ void causal_conv_transpose1d(at::Tensor const& x, at::Tensor const& weight, std:
   TORCH_CHECK(!state.has_value() || at::get_overlap_status(new_state, *state) != at::MemOverlapStatus::Partial, kOp,
               "new_state may be state itself, not part of it");
   TORCH_CHECK(B <= 65535 && C_out <= 500000 && stride <= INT32_MAX && window * stride <= INT32_MAX &&
-                  B * C_in <= INT32_MAX,
-              kOp, "sizes out of range (B <= 65535, C_out <= 500000, (S + L) * stride and B * C_in <= 2^31 - 1), ",
+                  B * C_in <= INT32_MAX - 127,   // the state kernel's rows, indexed in int in 128-thread blocks
+              kOp, "sizes out of range (B <= 65535, C_out <= 500000, (S + L) * stride <= 2^31 - 1, ",
+              "B * C_in < 2^31 - 128), ",
               "got x ", x.sizes(), ", weight ", weight.sizes(), ", stride ", stride);
 
   c10::cuda::CUDAGuard const guard(x.device());

@@ -73,6 +73,11 @@ void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Ten
               out.strides(), ") cannot be viewed as one row dim");
   TORCH_CHECK(rows == 1 || out_stride >= hidden, "omni::rms_norm: rows of out overlap (row stride ", out_stride,
               " < hidden ", hidden, ")");
+  // In place (out is x) is safe: a block reads its whole row before the reduction's barrier and writes only what its
+  // own threads read. A partial overlap would let one block write a row another block still reads.
+  TORCH_CHECK(at::get_overlap_status(out, x) != at::MemOverlapStatus::Partial,
+              "omni::rms_norm: out must be x itself or not overlap it");
+  omni::CheckNoOverlap("omni::rms_norm: ", out, "out", weight, "weight");
 
   c10::cuda::CUDAGuard const guard(x.device());
   switch (x.scalar_type()) {

@@ -51,6 +51,8 @@ void rvq_embed_mean(at::Tensor const& codes, at::Tensor const& table, int64_t co
               "omni::rvq_embed_mean: B * T must be <= 2^31 - 1 and H <= ", omni::kRvqMaxHidden,
               " (65535 blocks of 128 columns), got B * T = ", B * T, ", H = ", H);
   if (out.numel() == 0) return;
+  omni::CheckNoOverlap("omni::rvq_embed_mean: ", out, "out", table, "table");
+  omni::CheckNoOverlap("omni::rvq_embed_mean: ", out, "out", codes, "codes");
 
   c10::cuda::CUDAGuard const guard(codes.device());
   switch (table.scalar_type()) {

@@ -449,16 +449,40 @@ def _decode_attention_triton_or_ref(q, k_cache, v_cache, seq_lens, scale, window
 
 
 _CUDA_DECODE_MAX_ROWS = 32   # omni::decode_attention limits: groups x Tq rows per CTA, 16-byte K/V rows
+_CUDA_DECODE_THREADS = 128
+
+
+def cuda_decode_shared_memory(element_size: int, head_dim: int, rows: int) -> int:
+    """Bytes of shared memory omni::decode_attention's split kernel takes (decode_attention.cuh, SplitSmemBytes, for
+    the head-dim bucket 64/128/256 and row bucket 1/4/8/16/32 it launches)."""
+    dmax = next(d for d in (64, 128, 256) if head_dim <= d)
+    bucket = next(r for r in (1, 4, 8, 16, 32) if rows <= r)
+    vec = 16 // element_size
+    keys = 32 if dmax * element_size <= 256 else 16
+    tiles = 4 * keys * (dmax + vec) * element_size                    # 2 stages x (K, V) tiles
+    floats = bucket * dmax + _CUDA_DECODE_THREADS * bucket + bucket * keys + 2 * bucket + _CUDA_DECODE_THREADS * vec
+    return tiles + 4 * floats
+
+
+@functools.cache
+def _shared_memory_optin(index: int) -> int:
+    """The most dynamic shared memory a block may opt in to on device ``index`` (99 KB on sm_86/89, 227 KB on
+    sm_90)."""
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def _cuda_decode_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           seq_lens: torch.Tensor) -> bool:
-    # csrc/decode_attention.cu's checks: 16-byte K/V chunks, <= 32 rows, int32/int64 contiguous lengths on q's device
-    vec = 16 // q.element_size()
+    # csrc/decode_attention.cu's checks: 16-byte K/V chunks, <= 32 rows, int32/int64 contiguous lengths on q's device;
+    # and the shared memory it takes must fit the device (fp32 at head_dim > 128 with > 16 rows: 117 KB, over the
+    # 99 KB of sm_86/89)
+    vec, rows = 16 // q.element_size(), (q.shape[1] // k_cache.shape[1]) * q.shape[2]
     return (_triton_supports(q, k_cache, v_cache) and q.shape[-1] % vec == 0
             and seq_lens.dtype in (torch.int32, torch.int64) and seq_lens.device == q.device
             and (seq_lens.stride(0) == 1 or seq_lens.shape[0] == 1)
-            and (q.shape[1] // k_cache.shape[1]) * q.shape[2] <= _CUDA_DECODE_MAX_ROWS
+            and rows <= _CUDA_DECODE_MAX_ROWS
+            and cuda_decode_shared_memory(q.element_size(), q.shape[-1], rows)
+            <= _shared_memory_optin(q.device.index if q.device.index is not None else torch.cuda.current_device())
             and all(c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and all(s % vec == 0 for s in c.stride()[:-1])
                     for c in (k_cache, v_cache)))
 

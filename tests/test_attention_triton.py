@@ -424,3 +424,15 @@ def test_thinker_greedy_tokens_match_reference_with_triton_attention(reference_c
     with ok.use_backend("triton", op="qk_norm_rope"), ok.use_backend("triton", op="attention"):
         out = model.generate(prompt, max_new_tokens=4, thinker_sampling=SamplingParams(temperature=0.0))
     assert out.text_ids == expected
+
+
+def test_cuda_decode_shared_memory_matches_the_kernels_layout():
+    # decode_attention.cuh's SplitSmemBytes: fp32 at head_dim 256 with 32 rows is the one case over sm_86/89's 99 KB
+    # (101376 B), so the CUDA dispatch sends it to Triton there; everything else fits
+    from omni_kernels.attention import cuda_decode_shared_memory
+    assert cuda_decode_shared_memory(4, 256, 32) == 4 * 16 * 260 * 4 + 4 * (32 * 256 + 128 * 32 + 32 * 16 + 64 + 512)
+    assert cuda_decode_shared_memory(4, 256, 32) == 120064 > 101376
+    assert cuda_decode_shared_memory(4, 200, 17) == 120064                                   # buckets 256 and 32
+    sizes = [cuda_decode_shared_memory(e, d, r) for e in (2, 4) for d in (1, 64, 65, 128, 129, 256)
+             for r in (1, 2, 4, 5, 8, 9, 16, 17, 32) if (e, d > 128, r > 16) != (4, True, True)]
+    assert max(sizes) <= 101376

@@ -49,16 +49,19 @@ def check(out, expected, atol, rtol):
 @pytest.mark.parametrize("B, Q, T, H, cb", [(1, 1, 1, 1, 3), (2, 16, 7, 129, 5), (1, 16, 129, 1024, 32),
                                             (3, 7, 1, 7, 11), (1, 8, 5, 2048, 2)])
 @pytest.mark.parametrize("codes_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_rvq_embed_mean_cuda_matches_reference(B, Q, T, H, cb, dtype, atol, rtol, codes_dtype, contiguous):
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned rows", "aligned rows"])
+def test_rvq_embed_mean_cuda_matches_reference(B, Q, T, H, cb, dtype, atol, rtol, codes_dtype, layout):
     needs("rvq_embed_mean")
     g = torch.Generator().manual_seed(0)
-    if contiguous:
+    if layout == "contiguous":
         codes = torch.randint(0, cb, (B, Q, T), generator=g).to(codes_dtype).cuda()
         table = randn(Q * cb, H, dtype=dtype, g=g)
-    else:  # codes (B, T, Q) transposed, table a column slice (row stride H + 3, unaligned rows)
+    elif layout == "unaligned rows":  # codes (B, T, Q) transposed, table a column slice (row stride H + 3)
         codes = torch.randint(0, cb, (B, T, Q), generator=g).to(codes_dtype).cuda().transpose(1, 2)
         table = randn(Q * cb, H + 3, dtype=dtype, g=g)[:, 1:H + 1]
+    else:  # rows 16-byte aligned (stride rounded up to 8 elements): the vector path, a partial last vector
+        codes = torch.randint(0, cb, (B, Q, T), generator=g).to(codes_dtype).cuda()
+        table = randn(Q * cb, H + (-H % 8) + 8, dtype=dtype, g=g)[:, :H]
     with ok.use_backend("cuda", op="rvq_embed_mean"):
         assert ok.selected_backend("rvq_embed_mean", "cuda") == "cuda"
         out = ok.rvq_embed_mean(codes, table, cb)
@@ -77,6 +80,9 @@ def test_rvq_embed_mean_cuda_strided_out_and_bad_ids():
     assert out[:, 2].isnan().all()
     with pytest.raises(RuntimeError, match="table must be"):
         torch.ops.omni.rvq_embed_mean(codes, table, 3, out)
+    aliased = torch.randn(8, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="out must not overlap table"):
+        torch.ops.omni.rvq_embed_mean(codes[..., :1], aliased, 4, aliased[None, :1])
 
 
 def test_rvq_embed_mean_cuda_graph_replay():

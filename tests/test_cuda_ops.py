@@ -19,15 +19,28 @@ def needs_extension():
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 129), (3, 5, 2048), (129, 7), (2, 128)])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_rms_norm_cuda_matches_reference(shape, dtype, atol, rtol, contiguous):
-    wide = torch.randn(*shape[:-1], shape[-1] + (0 if contiguous else 5), device="cuda").to(dtype)
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned rows", "aligned rows"])
+def test_rms_norm_cuda_matches_reference(shape, dtype, atol, rtol, layout):
+    # unaligned rows (a stride of hidden + 5) take the scalar kernel; aligned rows (a stride rounded up to 8
+    # elements, 16 B) take the vector one, with a partial last vector where hidden is not a multiple of it
+    pad = {"contiguous": 0, "unaligned rows": 5, "aligned rows": -shape[-1] % 8 + 8}[layout]
+    wide = torch.randn(*shape[:-1], shape[-1] + pad, device="cuda").to(dtype)
     x = wide[..., : shape[-1]]
     w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype)
     with ok.use_backend("cuda", op="rms_norm"):
         assert ok.selected_backend("rms_norm", "cuda") == "cuda"
         out = ok.rms_norm(x, w, 1e-6)
     torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6), atol=atol, rtol=rtol)
+
+
+def test_rms_norm_cuda_in_place_and_overlap():
+    x = torch.randn(5, 129, device="cuda")
+    expected = ok.rms_norm_ref(x, torch.ones(129, device="cuda"), 1e-6)
+    torch.ops.omni.rms_norm(x, torch.ones(129, device="cuda"), 1e-6, x)        # out is x: allowed
+    torch.testing.assert_close(x, expected, atol=1e-6, rtol=1e-5)
+    buf = torch.randn(6 * 129, device="cuda")
+    with pytest.raises(RuntimeError, match="out must be x itself or not overlap it"):
+        torch.ops.omni.rms_norm(buf[129:].view(5, 129), torch.ones(129, device="cuda"), 1e-6, buf[:-129].view(5, 129))
 
 
 def test_rms_norm_cuda_rejects_bad_weight():
