@@ -10,9 +10,12 @@ Shapes are the thinker's: 32 query / 4 KV heads x 128. Rows:
   block-diagonal windows (20 x 64 heads, 104-token windows);
 * the q/k norm + M-RoPE + KV-write prologue (decode and prefill token counts).
 
-Two timings per row: ``ms`` from ``triton.testing.do_bench`` (eager, L2 flushed, Python dispatch included when it
-dominates) and ``ms_graph`` from a CUDA graph of 20 calls (GPU time only, L2 warm). GB/s counts the bytes the op must
-move once; % of peak uses H100 3.35 TB/s, H200 4.8 TB/s. Writes bench/results/attention_<gpu>.json.
+Three timings per row: ``ms`` from ``triton.testing.do_bench`` (eager, L2 flushed, Python dispatch included when it
+dominates), ``ms_graph`` from a CUDA graph of 20 calls back to back (GPU time only, L2 warm: the H200's 60 MB hold
+most of these operands) and ``ms_graph_cold``, the same graph with an L2 flush before every call, less a graph of the
+flushes alone (GPU time only, operands from HBM, as a decode step's layers read theirs). GB/s counts the bytes the op
+must move once, over the faster of the two L2-cold timings; % of peak uses H100 3.35 TB/s, H200 4.8 TB/s. Writes
+bench/results/attention_<gpu>.json.
 """
 from __future__ import annotations
 
@@ -20,10 +23,8 @@ import argparse
 import sys
 
 import torch
-from common import environment, save
+from common import PEAK_BF16_FLOPS, PEAK_BYTES_PER_S, environment, peak, save
 
-PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 HQ, HKV, D = 32, 4, 128
 
@@ -37,34 +38,46 @@ def parse_args():
     return p.parse_args()
 
 
-def peak(table: dict, device_name: str) -> float | None:
-    return next((value for key, value in table.items() if key in device_name), None)
-
-
-def graph_ms(fn, calls: int = 20) -> float:
-    fn()                                                   # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+def _replay_ms(graph: torch.cuda.CUDAGraph, replays: int = 5) -> float:
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(5):
+    for _ in range(replays):
         graph.replay()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * calls)
+    return start.elapsed_time(end) / replays
+
+
+def _capture(body) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
+def graph_ms(fn, calls: int = 20, cold: bool = False) -> float:
+    """GPU ms per call of ``fn``, from a CUDA graph of ``calls`` calls; ``cold``: each after an L2 flush (a write of
+    twice the L2), the flushes' own time (a graph of them alone) taken off."""
+    fn()                                                   # compile outside the capture
+    torch.cuda.synchronize()
+    if not cold:
+        return _replay_ms(_capture(lambda: [fn() for _ in range(calls)])) / calls
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    scratch = torch.empty(2 * l2, dtype=torch.int8, device="cuda")
+    both = _capture(lambda: [(scratch.zero_(), fn()) for _ in range(calls)])
+    flushes = _capture(lambda: [scratch.zero_() for _ in range(calls)])
+    return max(_replay_ms(both) - _replay_ms(flushes), 0.0) / calls
 
 
 def measure(fn, nbytes: float | None = None, flops: float | None = None, graph: bool = True) -> dict:
     import triton.testing
 
     ms = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])[0]
-    row = {"ms": ms, "ms_graph": graph_ms(fn) if graph else None}
-    best = min(t for t in (row["ms"], row["ms_graph"]) if t is not None)
+    row = {"ms": ms, "ms_graph": graph_ms(fn) if graph else None,
+           "ms_graph_cold": graph_ms(fn, cold=True) if graph else None}
+    best = min(t for t in (row["ms"], row["ms_graph_cold"]) if t)   # L2-cold: what HBM bandwidth means
     if nbytes is not None:
         row["GB/s"] = nbytes / best / 1e6
     if flops is not None:
@@ -84,7 +97,8 @@ class Table:
         if self.flops and "TFLOP/s" in row:
             row["pct_peak_flops"] = 100 * row["TFLOP/s"] * 1e12 / self.flops
         self.rows.append({"op": op, **case, "impl": impl, **row, "max_abs_diff_vs_ref": max_diff})
-        graph = f"{row['ms_graph'] * 1e3:9.1f}" if row.get("ms_graph") is not None else f"{'-':>9}"
+        graph = "".join(f"{row[k] * 1e3:9.1f}" if row.get(k) is not None else f"{'-':>9}"
+                        for k in ("ms_graph", "ms_graph_cold"))
         extra = "".join(f"  {k} {row[k]:8.1f}" for k in ("GB/s", "pct_peak_bw", "TFLOP/s", "pct_peak_flops")
                         if row.get(k) is not None)
         shape = " ".join(f"{k}={v}" for k, v in case.items())
@@ -184,7 +198,7 @@ def main():
     dtype = DTYPES[args.dtype]
     table = Table(env["device"])
     print(f"{env['device']}, torch {env['torch']}, triton {env['triton']}, {args.dtype}")
-    print(f"{'op':17} {'shape':30} {'impl':18} {'eager':>12} {'graph':>12}")
+    print(f"{'op':17} {'shape':30} {'impl':18} {'eager':>12} {'graph':>9} {'cold':>9}")
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     with torch.inference_mode():
         bench_decode(table, dtype, ints(args.contexts), ints(args.batches))

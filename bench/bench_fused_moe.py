@@ -23,7 +23,7 @@ import sys
 import types
 
 import torch
-from common import RESULTS, ROOT, environment, save
+from common import PEAK_BF16_FLOPS, PEAK_BYTES_PER_S, RESULTS, ROOT, environment, peak, save
 
 sys.path.insert(0, str(ROOT))
 import omni_kernels as ok  # noqa: E402
@@ -32,7 +32,6 @@ from omni_kernels._extension import has_cuda_op  # noqa: E402
 
 SHAPES = {"thinker": dict(E=128, top_k=8, I=768, H=2048), "talker": dict(E=128, top_k=6, I=384, H=1024)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-PEAKS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}  # HBM bytes/s, dense bf16 FLOP/s
 GRAPH_MAX_TOKENS, ROTATIONS = 16, 16
 
 
@@ -136,7 +135,8 @@ def bench_shape(name, shape, num_tokens, dtype, impls, device):
             ms, timing = time_ms(calls, graphable=impl != "torch_ref")  # the reference syncs (bincount)
             nbytes = (unique * 3 * I * H + 2 * num_tokens * H + (E * H if whole else 0)) * elt
             flops = 2 * num_tokens * top_k * 3 * I * H + (2 * num_tokens * E * H if whole else 0)
-            peak_bw, peak_flops = next((v for k, v in PEAKS.items() if k in torch.cuda.get_device_name()), (None,) * 2)
+            gpu = torch.cuda.get_device_name()
+            peak_bw, peak_flops = peak(PEAK_BYTES_PER_S, gpu), peak(PEAK_BF16_FLOPS, gpu)
             rows.append(dict(shape=name, **shape, tokens=num_tokens, dtype=str(dtype).removeprefix("torch."),
                              impl=impl, ms=round(ms, 5), timing=timing, unique_experts=unique,
                              gbps=round(nbytes / ms * 1e-6, 1), tflops=round(flops / ms * 1e-9, 2),
@@ -154,13 +154,15 @@ def main():
     device = torch.device("cuda")
     env = environment(device)
     rows = []
-    for name in args.shapes.split(","):
-        for num_tokens in map(int, args.tokens.split(",")):
-            rows += bench_shape(name, SHAPES[name], num_tokens, DTYPES[args.dtype], args.impls.split(","), device)
     slug = "".join(c if c.isalnum() else "-" for c in env["device"].split(" (")[0]).lower()
     previous = RESULTS / f"bench_fused_moe_{slug}.json"
     old_rows = json.loads(previous.read_text())["rows"] if previous.is_file() else []
-    print("appended to", save("bench_fused_moe", {"env": env, "rows": old_rows + [dict(env, **r) for r in rows]}))
+    for name in args.shapes.split(","):
+        for num_tokens in map(int, args.tokens.split(",")):
+            rows += bench_shape(name, SHAPES[name], num_tokens, DTYPES[args.dtype], args.impls.split(","), device)
+            # saved after every shape: a run cut short (a GPU lease's deadline) keeps what it measured
+            path = save("bench_fused_moe", {"env": env, "rows": old_rows + [dict(env, **r) for r in rows]})
+    print("appended to", path)
 
 
 if __name__ == "__main__":

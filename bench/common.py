@@ -61,6 +61,15 @@ def scratch_dir(prefix: str) -> Path:
     return folder
 
 
+# Datasheet peaks by the device name's model: HBM bytes/s and dense bf16 FLOP/s
+PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def peak(table: dict, device_name: str) -> float | None:
+    return next((value for key, value in table.items() if key in device_name), None)
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in result["env"]["device"].split(" (")[0]).lower()

@@ -66,7 +66,12 @@ class Answers:
         self.samples, self.codes = [0] * count, [[] for _ in range(count)]
         self.played_until, self.stall = [0.0] * count, [0.0] * count
 
-    def record(self, index: int, event, now: float) -> None:
+    def record(self, index: int, event, clock) -> None:
+        """``clock()``: seconds since the run's start, read once the event's audio exists (on a GPU the host runs
+        ahead of the kernels: copying it to the host waits for them)."""
+        if event.audio is not None:
+            event.audio.cpu()
+        now = clock()
         if event.text_ids and self.first_token[index] is None:
             self.first_token[index] = now
         if event.audio is not None:
@@ -127,7 +132,7 @@ def run_batched(model, prompts, args, pacer: PrefillPacer | None = None) -> tupl
         while len(ids) < len(prompts) and time.perf_counter() - start >= answers.arrival[len(ids)]:
             ids[engine.submit(prompts[len(ids)], **request_kwargs(args))] = len(ids)
         for request, event in engine.step():
-            answers.record(ids[request], event, time.perf_counter() - start)
+            answers.record(ids[request], event, lambda: time.perf_counter() - start)
     row, codes = answers.summary(time.perf_counter() - start)
     row["stages_ms"] = {k: 1e3 * v for k, v in timer.seconds.items()}
     row["stage_calls"] = dict(timer.calls)
@@ -141,7 +146,7 @@ def run_sequential(model, prompts, args) -> tuple[dict, list]:
         wait_until(start, answers.arrival[index])
         inputs = prompt if isinstance(prompt, dict) else {"input_ids": prompt}
         for event in model.stream(**inputs, **request_kwargs(args)):
-            answers.record(index, event, time.perf_counter() - start)
+            answers.record(index, event, lambda: time.perf_counter() - start)
     return answers.summary(time.perf_counter() - start)
 
 
@@ -168,7 +173,7 @@ def main():
         # one pacer for all runs, as one server engine would keep: the warm-up run measures the costs it paces by
         pacer = FixedChunks() if args.fixed_chunks else PrefillPacer()
         run_batched(model, batch, args, pacer)                       # warm up (and capture the buckets' graphs)
-        run_sequential(model, batch[:1], args)
+        run_sequential(model, batch, args)   # every prompt: a long one's first single-runner prefill too
         batched, batched_codes = best_of(lambda: run_batched(model, batch, args, pacer), args.repeats)
         sequential, sequential_codes = best_of(lambda: run_sequential(model, batch, args), args.repeats)
         same = all(torch.equal(a, b) for a, b in zip(batched_codes, sequential_codes))

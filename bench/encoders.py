@@ -67,13 +67,20 @@ class PeakMemory:
         self.extra_gib = (self.peak - self.base) / 2**30
 
 
-def measure(fn, device):
-    with PeakMemory(device) as memory, torch.no_grad():
+def measure(fn, device, repeats: int = 3):
+    """(output, {ms: median of ``repeats`` timed calls after an untimed one (Triton's JIT, cuBLAS start-up), peak
+    memory beyond what was allocated before})."""
+    def call():
         start = time.perf_counter()
         out = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        return out, time.perf_counter() - start
+
+    with PeakMemory(device) as memory, torch.no_grad():
+        call()
+        runs = [call() for _ in range(repeats)]
+    out, seconds = runs[0][0], sorted(t for _, t in runs)[len(runs) // 2]
     return out, {"ms": 1e3 * seconds, "peak_extra_gib": round(memory.extra_gib, 3)}
 
 

@@ -16,7 +16,7 @@ import argparse
 import copy
 
 import torch
-from common import DTYPES, environment, save, timed
+from common import DTYPES, PEAK_BYTES_PER_S, environment, peak, save, timed
 
 from omni_runtime import OmniModel
 from omni_runtime.demo import DEMO_CONFIG, RELEASED_CONFIG
@@ -29,7 +29,9 @@ def parse_args():
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--full-size", action="store_true", help="the released talker and code predictor")
     p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--peak-gbs", type=float, default=3350.0, help="device memory bandwidth for the floor (GB/s)")
+    p.add_argument("--peak-gbs", type=float, default=None,
+                   help="device memory bandwidth for the floor (GB/s; default: the H100's 3350 or the H200's 4800 "
+                        "by the device's name, else 3350)")
     p.add_argument("--top", type=int, default=25, help="rows of the op/kernel table")
     return p.parse_args()
 
@@ -117,6 +119,8 @@ def main():
                 frame(record=False)
         whole = whole_frames(runner, state["frame"], device, args.frames)
 
+    if args.peak_gbs is None:
+        args.peak_gbs = (peak(PEAK_BYTES_PER_S, environment(device)["device"]) or 3.35e12) / 1e9
     floors = {k: v / (args.peak_gbs * 1e9) for k, v in weight_bytes_per_frame(model).items()}
     rows = []
     print(f"{environment(device)['device']}, {args.dtype}, {'released' if args.full_size else 'demo'} talker")

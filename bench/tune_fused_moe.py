@@ -127,11 +127,16 @@ def main():
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         start = time.time()
-        table = {str(t): tune_tokens(shape, t, dtype, args.quick, target) for t in map(int, args.tokens.split(","))}
         path = Path(args.out_dir) / moe.config_file_name(shape["E"], shape["I"], shape["H"], dtype,
                                                          torch.cuda.get_device_name(device))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=1) + "\n")
+        # written after every token count to <table>.partial, which the runtime never reads (the nearest entry of a
+        # partial table could be far from a token count it lacks): a cut-short run keeps what it measured
+        partial, table = path.with_name(path.name + ".partial"), {}
+        for t in map(int, args.tokens.split(",")):
+            table[str(t)] = tune_tokens(shape, t, dtype, args.quick, target)
+            partial.write_text(json.dumps(table, indent=1) + "\n")
+        partial.replace(path)
         print(f"{name}: wrote {path} in {time.time() - start:.0f} s", flush=True)
 
 

@@ -464,10 +464,13 @@ def cuda_decode_shared_memory(element_size: int, head_dim: int, rows: int) -> in
     return tiles + 4 * floats
 
 
+def _shared_memory_optin(device: torch.device) -> int:
+    """The most dynamic shared memory a block may opt in to on ``device`` (99 KB on sm_86/89, 227 KB on sm_90)."""
+    return _shared_memory_optin_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.cache
-def _shared_memory_optin(index: int) -> int:
-    """The most dynamic shared memory a block may opt in to on device ``index`` (99 KB on sm_86/89, 227 KB on
-    sm_90)."""
+def _shared_memory_optin_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
@@ -482,7 +485,7 @@ def _cuda_decode_supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
             and (seq_lens.stride(0) == 1 or seq_lens.shape[0] == 1)
             and rows <= _CUDA_DECODE_MAX_ROWS
             and cuda_decode_shared_memory(q.element_size(), q.shape[-1], rows)
-            <= _shared_memory_optin(q.device.index if q.device.index is not None else torch.cuda.current_device())
+            <= _shared_memory_optin(q.device)
             and all(c.stride(-1) == 1 and c.data_ptr() % 16 == 0 and all(s % vec == 0 for s in c.stride()[:-1])
                     for c in (k_cache, v_cache)))
 

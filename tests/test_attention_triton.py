@@ -5,6 +5,8 @@ Without a GPU they run in the Triton interpreter (~25 ms of Python per program),
 Tolerances are per dtype in units of the dtype's epsilon; the interpreter truncates fp32 -> bf16 instead of rounding,
 so bf16 gets a few ulps more there.
 """
+import sys
+
 import pytest
 import torch
 
@@ -270,9 +272,16 @@ def test_decode_entry_point_dispatch_and_attention_routing():
         decode_attention(q, k_cache, v_cache, seq_lens[:1], 0.125)
 
 
-def test_cuda_decode_predicate_checks_seq_lens_like_the_launcher():
-    # csrc/decode_attention.cu takes int32/int64 contiguous lengths on q's device; anything else must go to Triton
+def test_cuda_decode_predicate_checks_seq_lens_like_the_launcher(monkeypatch):
+    # csrc/decode_attention.cu takes int32/int64 contiguous lengths on q's device; anything else must go to Triton.
+    # So does a case whose shared memory the device cannot give (here a 99 KB one, as sm_86/89).
     from omni_kernels.attention import _cuda_decode_supports
+    module = sys.modules["omni_kernels.attention"]   # the package's `attention` is the function
+    monkeypatch.setattr(module, "_shared_memory_optin", lambda device: 101376)
+    big = torch.randn(1, 32, 1, 256)
+    assert not _cuda_decode_supports(big, big[:, :1], big[:, :1], torch.tensor([1]))              # fp32: 117 KB
+    assert _cuda_decode_supports(big.half(), big[:, :1].half(), big[:, :1].half(), torch.tensor([1]))
+    assert _cuda_decode_supports(big[:, :16], big[:, :1], big[:, :1], torch.tensor([1]))         # 16 rows
     q = torch.randn(2, 4, 1, 64)
     k_cache, v_cache = torch.randn(2, 2, 32, 64), torch.randn(2, 2, 32, 64)
     for lens in (torch.tensor([3, 9], dtype=torch.int32), torch.tensor([3, 9])):
