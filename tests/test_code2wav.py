@@ -226,8 +226,14 @@ def test_runner_reuses_its_buffers_across_streams(models):
     assert keys[0] == keys[1] == {(1, 16, 4, False), (1, 16, 1, True)}
     stream = runner.start()
     stream.push(random_codes(1, 1))
-    with pytest.raises(ValueError, match="batch of 1"):
+    with pytest.raises(ValueError, match="static buffers hold batches of 1"):
         stream.push(random_codes(2, 1))
+    runner.start()   # a new stream in the same buffers: their batch size too, refused by name, nothing changed
+    with pytest.raises(ValueError, match="static buffers hold batches of 1"):
+        runner.push(random_codes(2, 1))
+    codes = random_codes(1, 9, seed=704)
+    torch.testing.assert_close(runner_decode(runner, codes, (1, 4, 4)), stream_decode(model, codes, (1, 4, 4))[0],
+                               atol=1e-5, rtol=0)
 
 
 @pytest.mark.gpu

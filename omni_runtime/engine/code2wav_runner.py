@@ -31,6 +31,11 @@ class Code2WavRunner:
     def push(self, codes: torch.Tensor) -> torch.Tensor:
         """codes: [B, Q, n] the next n frames -> fp32 [B, 1, samples], as ``Code2WavStream.push``."""
         stream = self.stream
+        carried = next(iter(stream.state.tensors()), None) if stream.state.carried else None
+        if carried is not None and codes.dim() == 3 and codes.shape[0] != carried.shape[0]:
+            # checked before the stream takes the codes: a refused push leaves it as it was
+            raise ValueError(f"Code2WavRunner: its static buffers hold batches of {carried.shape[0]}, got codes "
+                             f"{tuple(codes.shape)} (a runner serves one batch size)")
         stream.check(codes)
         if not stream.state.carried:   # the very first push makes the buffers
             wav = stream.decode_checked(codes)
