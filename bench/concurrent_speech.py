@@ -100,7 +100,7 @@ class Answers:
 class FixedChunks(PrefillPacer):
     """A pacer that always allows the whole ``prefill_tokens``."""
 
-    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0, prefix=0):
         return max_tokens
 
     def admits_encoders(self, *args) -> bool:

@@ -5,7 +5,8 @@
 #   (no argument: build gpu_tests moe talker_frame e2e_full attention concurrent thinker_batch test)
 #   steps: build, gpu_tests (pytest -m gpu: CUDA ops, graphs, bf16 parity), test (the whole suite on the GPU: Triton
 #   kernels on device), kernels (= moe attention norms code2wav), e2e (= e2e_small e2e_full talker_frame thinker_decode),
-#   pacing (the speech engine's prefill pacer with a long prompt), pacing_audio (its encoder pacing), tune
+#   pacing (the speech engine's prefill pacer with a long prompt), pacing_audio (its encoder pacing), pacer_fit (its
+#   chunk-cost model), tune
 # The default order is for one call of a 15-minute lease: what only a GPU can show first (the GPU tests), then the
 # figures the open targets need (MoE kernels, the talker frame, first packet and RTF), then the rest as time allows.
 #   TESTS="tests/test_x.py ..." narrows the test step; DEADLINE=SECONDS bounds the whole run.
@@ -102,6 +103,9 @@ for ((i = 0; i < ${#steps[@]}; i++)); do
     pacing_audio)  # 240 s of audio (the released audio encoder runs at admission) arrives while three answers speak
       step pacing_audio 200 120 python3 bench/concurrent_speech.py --device cuda --dtype bfloat16 --full-size \
         --thinker-layers "${THINKER_LAYERS:-48}" --concurrency 4 --arrival-ms 200 --audio-seconds 240 --repeats 1 ;;
+    pacer_fit)  # the pacer's chunk-cost model on a 3900-token prompt: fitted on the first chunks, the later ones predicted
+      step prefill_cost_fit 150 90 python3 bench/prefill_cost_fit.py --device cuda --dtype bfloat16 --full-size \
+        --thinker-layers "${THINKER_LAYERS:-48}" ;;
     thinker_batch) step thinker_batch 150 90 python3 bench/thinker_batch.py --device cuda --dtype bfloat16 --full-size \
       --batches 1,2,4,8,16 ;;
     thinker_decode) step thinker_decode 120 python3 bench/thinker_decode.py --device cuda --dtype bfloat16 ;;

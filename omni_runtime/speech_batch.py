@@ -45,7 +45,7 @@ import torch
 
 from omni_runtime.engine.code2wav_batch import Code2WavRows
 from omni_runtime.engine.lease import RunnerLease
-from omni_runtime.engine.prefill_pacer import PrefillPacer
+from omni_runtime.engine.prefill_pacer import PrefillPacer, attention_pairs
 from omni_runtime.engine.talker_batch import BatchedTalkerRunner
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_assistant_embeds, talker_user_embeds)
@@ -158,7 +158,9 @@ class SpeechEngine:
         beat = max((a.request.options.chunk_frames for a in self.live), default=1)
         self.prefill_seconds, self.chunk_advanced = 0.0, False
         admitted = self._admit(slacks, beat)     # their encoders run here
-        self.prefill_budget = self.pacer.budget(slacks, self.prefill_tokens, beat, spent=self.prefill_seconds)
+        prefix = next((a.prefill.done for a in self.live if a.prefill is not None), 0)   # the next chunk's row
+        self.prefill_budget = self.pacer.budget(slacks, self.prefill_tokens, beat, spent=self.prefill_seconds,
+                                                prefix=prefix)
         if admitted:
             self._start(*admitted)
         self._prefill_chunks()
@@ -242,7 +244,9 @@ class SpeechEngine:
         model, cfg = self.model, self.model.config
         limit = max(self.prefill_budget, min(self.pacer.min_tokens, self.prefill_tokens))
         whole = [s for s in starts if s[1].positions.shape[-1] <= limit]
-        with self._prefilling(sum(s[1].positions.shape[-1] for s in whole)):
+        with self._prefilling() as work:
+            work.update(tokens=sum(s[1].positions.shape[-1] for s in whole),
+                        pairs=sum(attention_pairs(s[1].positions.shape[-1], 0) for s in whole))
             streams = start_thinker_rows(self.thinker_rows, starts, cfg.talker.accept_hidden_layer, self.timer,
                                          whole_tokens=limit, forward_tokens=self.prefill_tokens)
         decode = model.decode if model.tokenizer else None
@@ -261,8 +265,11 @@ class SpeechEngine:
         prefilling = {id(a.prefill): a for a in self.live if a.prefill is not None}
         if not prefilling or self.prefill_budget <= 0:
             return
-        with self._prefilling(min(self.prefill_budget, sum(a.prefill.remaining for a in prefilling.values()))):
+        before = {key: a.prefill.done for key, a in prefilling.items()}
+        with self._prefilling() as work:
             finished = advance_prefills([a.prefill for a in prefilling.values()], self.prefill_budget)
+            chunks = [(a.prefill.done - before[key], before[key]) for key, a in prefilling.items()]
+            work.update(tokens=sum(n for n, _ in chunks), pairs=sum(attention_pairs(n, p) for n, p in chunks))
             for prefill, stream in finished:
                 answer = prefilling[id(prefill)]
                 answer.thinker, answer.prefill = stream, None
@@ -328,13 +335,15 @@ class SpeechEngine:
         end = self.pacer.clock()
 
     @contextmanager
-    def _prefilling(self, tokens: int):
-        """Times a prefill of ``tokens`` prompt tokens for the pacer and takes them from the tick's budget."""
+    def _prefilling(self):
+        """Times a prefill for the pacer and takes its tokens from the tick's budget: the block fills in the
+        yielded dict's ``tokens`` and ``pairs`` (``attention_pairs``) before it ends."""
+        work = {"tokens": 0, "pairs": 0}
         with self._timed() as elapsed:
-            yield
+            yield work
         self.prefill_seconds += elapsed()
-        self.prefill_budget -= tokens
-        self.pacer.record_prefill(tokens, elapsed())
+        self.prefill_budget -= work["tokens"]
+        self.pacer.record_prefill(work["tokens"], elapsed(), work["pairs"])
 
     def _thinker_step(self) -> None:
         going = {a.thinker_row: a for a in self.live if a.thinker is not None and not a.thinker.finished}

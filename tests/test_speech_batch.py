@@ -267,7 +267,7 @@ class ScriptedPacer(PrefillPacer):
         super().__init__(min_tokens=min_tokens, clock=lambda: 0.0)
         self.script = list(script)
 
-    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0, prefix=0):
         return self.script.pop(0) if self.script else max_tokens
 
 
@@ -305,10 +305,10 @@ def test_pacer_budget():
     pacer = PrefillPacer(min_tokens=100, patience=2)
     assert pacer.budget([0.5], 4096, 4) == 4096                  # nothing measured yet
     pacer.record_prefill(50, 0.05)
-    assert pacer.cost() == (0.0, 0.001)                          # one size: all of it per token
+    assert pacer.cost() == (0.0, 0.001, 0.0)                     # one size: all of it per token
     pacer.record_prefill(250, 0.09)
-    fixed, per_token = pacer.cost()                              # two sizes: the line through them
-    assert abs(fixed - 0.04) < 1e-9 and abs(per_token - 2e-4) < 1e-12
+    fixed, per_token, per_pair = pacer.cost()                    # two sizes: the line through them
+    assert abs(fixed - 0.04) < 1e-9 and abs(per_token - 2e-4) < 1e-12 and per_pair == 0.0
     pacer.record_tick(0.03, prompt_waited=False)
     assert pacer.budget([], 4096, 4) == 4096                     # nobody speaks
     assert pacer.budget([0.5, 0.9], 4096, 4) == 1700             # (0.5 - 4 x 0.03 - 0.04) / 2e-4
@@ -320,6 +320,51 @@ def test_pacer_budget():
     assert pacer.budget([0.15], 60, 4) == 60
     pacer.record_tick(0.03, prompt_waited=False)
     assert pacer.budget([0.5], 4096, 4, spent=0.2) == 700         # encoders took 0.2 s: (0.5-0.12-0.2-0.04) / 2e-4
+
+
+def test_prefill_cost_grows_with_the_prefix_a_chunk_attends_to():
+    # seconds = 0.02 + 1e-4 n + 1e-8 pairs, measured on whole prompts and on chunks after a prefix: the fit finds the
+    # three terms, and a chunk late in a long prompt gets fewer tokens for the same spare seconds
+    from omni_runtime.engine.prefill_pacer import PrefillCost, attention_pairs
+    cost = PrefillCost()
+    truth = lambda n, p: 0.02 + 1e-4 * n + 1e-8 * attention_pairs(n, p)  # noqa: E731
+    for n, p in ((100, 0), (400, 0), (512, 512), (512, 1536), (256, 3000)):
+        cost.record(n, attention_pairs(n, p), truth(n, p))
+    for got, want in zip(cost.fit, (0.02, 1e-4, 1e-8)):
+        assert abs(got - want) <= 1e-6 * want
+    assert attention_pairs(3, 2) == 3 * 2 + 6                     # keys 1..3 of the new tokens, 2 cached each
+    early, late = cost.tokens_within(0.2, 0), cost.tokens_within(0.2, 20000)
+    assert abs(truth(early, 0) - 0.2) < 1e-6 and abs(truth(late, 20000) - 0.2) < 1e-6   # the fit, to a us
+    assert late < early / 2
+    assert cost.tokens_within(0.01, 0) == 0.0                     # less than the fixed cost
+    pacer = PrefillPacer(min_tokens=16)
+    pacer.prefill = cost
+    assert pacer.budget([1.0], 4096, 1, prefix=20000) == int(cost.tokens_within(1.0, 20000) + 1e-6)
+    one = PrefillCost()
+    one.record(64, attention_pairs(64, 4000), 0.5)                # one sample: all of it per token
+    assert one.fit == (0.0, 0.5 / 64, 0.0)
+
+
+def test_engine_paces_a_chunk_at_its_prefix(model):
+    # the budget is asked for at the next chunk's prefix, and each chunk's measurement counts its attention pairs
+    class Recording(PrefillPacer):
+        def __init__(self):
+            super().__init__(clock=lambda: 0.0)
+            self.prefixes, self.recorded = [], []
+
+        def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0, prefix=0):
+            self.prefixes.append(prefix)
+            return max_tokens
+
+        def record_prefill(self, tokens, seconds, pairs=None):
+            self.recorded.append((tokens, pairs))
+
+    engine = model.speech_engine(max_batch=1, prefill_tokens=16)
+    engine.pacer = pacer = Recording()
+    engine.submit(chat_prompt(5, user_len=22), max_new_tokens=2, eos_token_id=None, talker_max_new_tokens=2)
+    run_engine(engine)
+    assert pacer.prefixes[:3] == [0, 16, 32]                       # 40 tokens in chunks of 16
+    assert pacer.recorded == [(0, 0), (16, 136), (16, 16 * 16 + 136), (8, 8 * 32 + 36)]
 
 
 def test_pacer_holds_back_encoders_that_do_not_fit():
@@ -638,7 +683,7 @@ def test_two_engines_on_the_batched_runners_are_refused(model):
 class StarvingPacer(PrefillPacer):
     """No budget (as when every speaking answer's slack is short) until a prompt has waited ``patience`` ticks."""
 
-    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0):
+    def budget(self, slacks, max_tokens, ticks_to_packet, spent=0.0, prefix=0):
         return min(self.min_tokens, max_tokens) if self.waited >= self.patience else 0
 
 
