@@ -81,16 +81,20 @@ class PrefillCost:
         self.samples.append((tokens, pairs, seconds))
         columns = np.array([[1.0, n, p] for n, p, _ in self.samples])
         times = np.array([t for *_, t in self.samples])
+        # normal equations on unit-norm columns (1, n and pairs differ by orders of magnitude): 7 solves of <= 3 x 3
+        scale = np.linalg.norm(columns, axis=0)
+        gram, rhs = (columns / scale).T @ (columns / scale), (columns / scale).T @ times
         best = None
         for subset in self.SUBSETS:
-            a = columns[:, subset]
-            if np.linalg.matrix_rank(a) < len(subset):
+            g = gram[np.ix_(subset, subset)]
+            if np.linalg.det(g) < 1e-10:   # the samples do not tell these columns apart
                 continue
-            x = np.linalg.lstsq(a, times, rcond=None)[0]
+            x = np.linalg.solve(g, rhs[list(subset)])
             if (x < 0).any():
                 continue
-            residual = float(np.sum((a @ x - times) ** 2))
-            if best is None or residual < best[0] * (1 - 1e-9) - 1e-18:
+            residual = float(times @ times - 2 * x @ rhs[list(subset)] + x @ g @ x)
+            x = x / scale[list(subset)]
+            if best is None or residual < best[0] - 1e-12 * float(times @ times):
                 fit = [0.0, 0.0, 0.0]
                 for column, value in zip(subset, x):
                     fit[column] = float(value)
