@@ -7,13 +7,13 @@ to the longest of the last ticks' work besides prompt work; what its slack leave
 
 - **Thinker prefill.** n tokens after ``prefix`` tokens the row holds already cost about ``fixed + n * per_token +
   pairs * per_pair`` seconds (``PrefillCost``): an MoE prefill reads every expert's weights whatever n is, so
-  ``fixed`` is large, and causal attention scores ``pairs = n * (prefix + (n + 1) / 2)`` query-key pairs, which make a
-  long prompt's late chunks dearer than its first (for the released thinker, attention is about a third of a token's
-  FLOPs at 4k tokens of context, four fifths at 30k). The budget is the n the spare seconds buy at the next
-  chunk's prefix, up to ``max_tokens`` (the thinker's ``prefill_tokens``). A prompt of up to ``min_tokens`` always prefills at once: the
-  first packet is what users wait for, and such a prefill costs little more than the fixed cost. With less budget than
-  ``min_tokens`` a longer prompt waits for the slack to grow (a bigger chunk later pays the fixed cost once), but
-  never more than ``patience`` ticks in a row, so a prompt always progresses.
+  ``fixed`` is large, and causal attention scores ``pairs = n * (prefix + (n + 1) / 2)`` query-key pairs, which make
+  a long prompt's late chunks dearer than its first (for the released thinker, attention is about a third of a
+  token's FLOPs at 4k tokens of context, four fifths at 30k). The budget is the n the spare seconds buy at the next
+  chunk's prefix, up to ``max_tokens`` (the thinker's ``prefill_tokens``). A prompt of up to ``min_tokens`` always
+  prefills at once: the first packet is what users wait for, and such a prefill costs little more than the fixed
+  cost. With less budget than ``min_tokens`` a longer prompt waits for the slack to grow (a bigger chunk later pays
+  the fixed cost once), but never more than ``patience`` ticks in a row, so a prompt always progresses.
 - **Encoders.** A request's audio and vision encoders run whole when it is admitted; m media tokens (its
   ``<|audio_pad|>``, ``<|image_pad|>`` and ``<|video_pad|>`` placeholders) cost about ``fixed + m * per_token``
   seconds on a fit of their own. A request whose encoders do not fit in what is left of the spare seconds waits,
