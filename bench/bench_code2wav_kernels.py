@@ -8,8 +8,10 @@ rates 8, 5, 4, 3): SnakeBeta + transposed conv (k = 2 * rate) and three residual
 dilation 1/3/9, SnakeBeta + k=1 conv); SnakeBeta + the 96 -> 1 output conv. Each layer is timed at 1, 4 and 25 frames
 per streamed call (with its carried state) as ours (Triton, and the CUDA extension's kernels when built: ``cuda``
 rows, forced even where opt-in; ``_snake`` rows fuse the SnakeBeta) and the reference (torch: ``snake_beta_ref``
-then ``F.conv1d`` etc.). GB/s counts x + weights + y (+ state) once. Writes
-bench/results/code2wav_kernels_<gpu>.json.
+then ``F.conv1d`` etc.). Two timings: ``ms`` eager (``do_bench``: host dispatch included where it dominates, as at
+1 frame) and ``ms_graph``, GPU time in a CUDA graph with an L2 flush before each call (bench_attention.graph_ms), how
+the runtime replays a Code2Wav push; None where a reference cannot be captured. GB/s counts x + weights + y
+(+ state) once, over ``ms_graph`` where there is one. Writes bench/results/code2wav_kernels_<gpu>.json.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 import sys
 
 import torch
+from bench_attention import graph_ms
 from common import environment, save
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -81,16 +84,24 @@ def main() -> None:
     rnd = lambda *s, scale=1.0: torch.randn(*s, device=device, dtype=torch.float32).mul(scale).to(dtype)  # noqa: E731
     rows = []
 
-    def record(layer, frames, impl, ms, nbytes):
-        rows.append({"layer": layer, "frames": frames, "impl": impl, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
-        print(f"{layer:>18} {frames:>3} frames {impl:>13}: {ms * 1e3:9.1f} us {rows[-1]['gb_s']:8.1f} GB/s")
+    def record(layer, frames, impl, fn, nbytes):
+        ms = time_ms(fn)
+        try:
+            ms_graph = graph_ms(fn, cold=True)
+        except RuntimeError:   # a reference that syncs or allocates on the host while capturing
+            torch.cuda.synchronize()
+            ms_graph = None
+        gb_s = nbytes / ((ms_graph or ms) * 1e-3) / 1e9
+        rows.append({"layer": layer, "frames": frames, "impl": impl, "ms": ms, "ms_graph": ms_graph, "gb_s": gb_s})
+        graph = f"{ms_graph * 1e3:9.1f}" if ms_graph else f"{'-':>9}"
+        print(f"{layer:>18} {frames:>3} frames {impl:>13}: {ms * 1e3:9.1f} us eager {graph} us graph {gb_s:8.1f} GB/s")
 
     table = rnd(16 * 2048, HIDDEN)
     for frames in map(int, args.frames.split(",")):
         codes = torch.randint(0, 2048, (1, 16, frames), device=device)
         nbytes = (16 * frames * HIDDEN + frames * HIDDEN) * size
-        record("rvq_embed_mean", frames, "triton", time_ms(lambda: rvq_embed_mean_triton(codes, table, 2048)), nbytes)
-        record("rvq_embed_mean", frames, "torch", time_ms(lambda: rvq_embed_mean_ref(codes, table, 2048)), nbytes)
+        record("rvq_embed_mean", frames, "triton", lambda: rvq_embed_mean_triton(codes, table, 2048), nbytes)
+        record("rvq_embed_mean", frames, "torch", lambda: rvq_embed_mean_ref(codes, table, 2048), nbytes)
         for name, kind, c_in, c_out, k, d, groups, spf, snake in layers():
             length = frames * spf
             x = rnd(1, c_in, length)
@@ -114,9 +125,9 @@ def main() -> None:
             for impl, fn in impls.items():
                 if fn is None:   # no CUDA extension with this op
                     continue
-                record(name, frames, impl, time_ms(fn), nbytes)
+                record(name, frames, impl, fn, nbytes)
                 if snake:
-                    record(name, frames, impl + "_snake", time_ms(lambda fn=fn: fn(sn)), nbytes)
+                    record(name, frames, impl + "_snake", lambda fn=fn: fn(sn), nbytes)
     env = environment(device)
     path = save("code2wav_kernels", {"bench": "code2wav_kernels", "env": env, "dtype": args.dtype, "rows": rows})
     print(f"wrote {path}")
