@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from omni_runtime.config import OmniConfig, SpecialTokens
@@ -52,8 +53,9 @@ class MediaInputs:
             if value.is_floating_point() != (name in floating) or value.is_complex():
                 raise ValueError(f"{name} must be {'a floating point' if name in floating else 'an integer'} "
                                  f"tensor, got {value.dtype}")
-        if not isinstance(self.use_audio_in_video, bool):
+        if not isinstance(self.use_audio_in_video, (bool, np.bool_)):
             raise ValueError(f"use_audio_in_video must be a bool, got {self.use_audio_in_video!r}")
+        self.use_audio_in_video = bool(self.use_audio_in_video)
 
     @property
     def has_audio(self) -> bool:

@@ -201,9 +201,11 @@ class ChunkedPrefill:
         hidden = torch.cat(self.captured, dim=1) if self.captured else None
         return ThinkerStream(None, *_stream_args(self.start), self.capture_layer, self.timer, (logits, hidden))
 
-    def captured_between(self, start: int, end: int) -> torch.Tensor:
+    def captured_between(self, start: int, end: int) -> torch.Tensor | None:
         """The hidden state number ``capture_layer`` of prompt tokens ``start:end``, all prefilled -> [1, end - start,
-        H]."""
+        H]; None when the thinker captures none (no layer of that number)."""
+        if not self.captured:
+            return None
         parts = [chunk[:, max(start - first, 0):end - first] for first, chunk in zip(self.chunk_starts, self.captured)
                  if first < end and first + chunk.shape[1] > start]
         return torch.cat(parts, dim=1)

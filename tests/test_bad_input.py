@@ -211,6 +211,13 @@ def test_bad_generation_arguments_are_named(model, kwargs, message):
     assert model.generate([1, 2, 3], max_new_tokens=2, eos_token_id=[5, 6]).text_ids
 
 
+def test_numpy_bools_pass_as_bools():
+    import numpy as np
+
+    from omni_runtime.multimodal import MediaInputs
+    assert MediaInputs.from_kwargs({"use_audio_in_video": np.False_}).use_audio_in_video is False
+
+
 @pytest.mark.parametrize("media, message", [
     (dict(input_features=[[0.0]], feature_attention_mask=torch.ones(1, 1, dtype=torch.long)),
      "input_features must be a torch tensor, got list"),

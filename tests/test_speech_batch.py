@@ -343,6 +343,17 @@ def test_prefill_cost_grows_with_the_prefix_a_chunk_attends_to():
     one = PrefillCost()
     one.record(64, attention_pairs(64, 4000), 0.5)                # one sample: all of it per token
     assert one.fit == (0.0, 0.5 / 64, 0.0)
+    linear, prefix = PrefillCost(), 0                             # timings with no attention term at all: the fit's
+    for n in (128, 256, 384, 512, 512):                           # per-pair part is rounding noise, and the budget
+        linear.record(n, attention_pairs(n, prefix), 0.064 + 3.6e-4 * n)   # must still be the linear one
+        prefix += n
+    assert abs(linear.tokens_within(0.064 + 3.6e-4 * 400, prefix) - 400) < 1e-3
+
+
+def test_chunks_of_a_thinker_that_captures_no_layer():
+    # a talker's accept_hidden_layer past the thinker's layers captures nothing: the text rows need none
+    from omni_runtime.pipeline import ChunkedPrefill
+    assert ChunkedPrefill(None, 0, None, None, StageTimer()).captured_between(0, 5) is None
 
 
 def test_engine_paces_a_chunk_at_its_prefix(model):

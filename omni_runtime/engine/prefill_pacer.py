@@ -112,12 +112,14 @@ class PrefillCost:
         """The most tokens (not rounded) a prefill after ``prefix`` cached tokens may take in ``seconds``: the
         positive root of fixed + n * per_token + n * (prefix + (n + 1) / 2) * per_pair = seconds."""
         fixed, per_token, per_pair = self.fit
-        a, b, c = per_pair / 2, per_token + per_pair * (prefix + 0.5), fixed - seconds
-        if c > 0:
+        a, b, left = per_pair / 2, per_token + per_pair * (prefix + 0.5), seconds - fixed
+        if left < 0:
             return 0.0
-        if a == 0:
-            return -c / b if b > 0 else math.inf
-        return (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+        if b <= 0 and a == 0:
+            return math.inf
+        # the root 2 left / (b + sqrt(b^2 + 4 a left)): the textbook (-b + sqrt(...)) / 2a cancels to 0 when a is
+        # tiny next to b (a fit of linear timings leaves a ~1e-22 per pair)
+        return 2 * left / (b + math.sqrt(b * b + 4 * a * left))
 
 
 class PrefillPacer:
