@@ -256,11 +256,17 @@ class OmniConfig:
         _dict(d, "code2wav_config", "", default={})
         tokens = SpecialTokens.from_dicts(d, thinker)
         talker = _dict(d, "talker_config", "", default={}) if d.get("enable_audio_output", True) else None
-        return cls(thinker_text=MoeTextConfig.from_dict(thinker["text_config"], "thinker_config.text_config"),
-                   tokens=tokens,
-                   position_id_per_seconds=_positive_float(thinker, "position_id_per_seconds", "thinker_config", 13),
-                   eos_token_ids=_eos_ids(generation, tokens.im_end),
-                   talker=TalkerConfig.from_dict(talker) if talker else None, raw=d)
+        config = cls(thinker_text=MoeTextConfig.from_dict(thinker["text_config"], "thinker_config.text_config"),
+                     tokens=tokens,
+                     position_id_per_seconds=_positive_float(thinker, "position_id_per_seconds", "thinker_config", 13),
+                     eos_token_ids=_eos_ids(generation, tokens.im_end),
+                     talker=TalkerConfig.from_dict(talker) if talker else None, raw=d)
+        layers = config.thinker_text.num_hidden_layers
+        if config.talker is not None and config.talker.accept_hidden_layer > layers:
+            # the talker reads the thinker's hidden state number accept_hidden_layer at audio/image/video tokens
+            raise ValueError(f"inconsistent talker_config: accept_hidden_layer={config.talker.accept_hidden_layer} "
+                             f"needs a thinker of at least that many layers, this one has {layers}")
+        return config
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> OmniConfig:
