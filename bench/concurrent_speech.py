@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 import torch
-from common import DTYPES, apply_threads, environment, save
-from e2e_latency import IM_END, build_models, prompt_ids, speech_parser
+from common import environment, save
+from e2e_latency import IM_END, build_ours, prompt_ids, speech_parser
 
 from omni_runtime import SamplingParams
 from omni_runtime.engine.prefill_pacer import PrefillPacer
@@ -157,10 +157,7 @@ def best_of(fn, repeats: int):
 
 def main():
     args = parse_args()
-    args.ours_only = True
-    apply_threads(args)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config, model, _ = build_models(args, device, dtype)
+    device, config, model = build_ours(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     prompts = [prompt_ids(seed=seed).to(device) for seed in range(max(levels))]
     rows = []

@@ -104,6 +104,15 @@ def build_models(args, device, dtype):
     return config, OmniModel.from_pretrained(folder, device=device, dtype=dtype), reference
 
 
+def build_ours(args) -> tuple[torch.device, dict, OmniModel]:
+    """Ours alone (no reference) from a speech benchmark's flags -> (device, config description, model)."""
+    args.ours_only = True
+    apply_threads(args)
+    device = torch.device(args.device)
+    config, model, _ = build_models(args, device, DTYPES[args.dtype])
+    return device, config, model
+
+
 def main():
     args = parse_args()
     apply_threads(args)

@@ -16,10 +16,9 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
-from common import DTYPES, apply_threads, environment, save
+from common import environment, save
 from concurrent_speech import audio_prompt, request_kwargs
-from e2e_latency import build_models, speech_parser
+from e2e_latency import build_ours, speech_parser
 
 from omni_runtime.pipeline import StageTimer
 
@@ -53,10 +52,7 @@ def run(model, prompt, args) -> dict:
 
 def main():
     args = parse_args()
-    args.ours_only = True
-    apply_threads(args)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config, model, _ = build_models(args, device, dtype)
+    device, config, model = build_ours(args)
     prompt = audio_prompt(model, args.audio_seconds, seed=1)
     run(model, prompt, args)                                          # warm up
     runs = [run(model, prompt, args) for _ in range(args.repeats)]

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-from common import DTYPES, apply_threads, environment, save
-from e2e_latency import build_models, prompt_ids, speech_parser
+from common import environment, save
+from e2e_latency import build_ours, prompt_ids, speech_parser
 
 from omni_runtime.engine.prefill_pacer import LinearCost, PrefillCost, PrefillPacer, attention_pairs
 
@@ -59,10 +58,7 @@ def chunk_costs(model, prompt) -> list[tuple[int, int, float]]:
 
 def main():
     args = parse_args()
-    args.ours_only = True
-    apply_threads(args)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    config, model, _ = build_models(args, device, dtype)
+    device, config, model = build_ours(args)
     prompt = prompt_ids(args.prompt_tokens, seed=3).to(device)
     chunk_costs(model, prompt)                                    # warm up
     chunks = chunk_costs(model, prompt)

@@ -105,10 +105,25 @@ def check_media(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, audio
     same errors). Checked when a request is, so a server refuses it before any work starts."""
     tokens = config.tokens
     if media.has_audio:
-        if audio_encoder is None:
-            raise ValueError("audio input needs the checkpoint's audio encoder (thinker.audio_tower), absent here")
-        made = sum(audio_token_count(n, audio_encoder.cfg.n_window) for n in audio_lengths(media))
-        _check_count(ids == tokens.audio, made, "audio")
+        window = _audio_encoder(audio_encoder).cfg.n_window
+        made = sum(audio_token_count(n, window) for n in audio_lengths(media))
+        _check_placeholders(ids == tokens.audio, made, "audio")
+    for pixels, grid, token, what in _visual_inputs(media, tokens, vision_encoder):
+        grids = vision_encoder.check_input(pixels, grid, finite=False)   # NaNs: when it runs, not a second pass
+        merge = vision_encoder.cfg.spatial_merge_size
+        _check_placeholders(ids == token, sum(t * h * w for t, h, w in grids) // merge**2, what)
+    prompt_positions(ids, media, config, vision_encoder)   # groups against grids, video seconds, audio in video
+
+
+def _audio_encoder(audio_encoder):
+    if audio_encoder is None:
+        raise ValueError("audio input needs the checkpoint's audio encoder (thinker.audio_tower), absent here")
+    return audio_encoder
+
+
+def _visual_inputs(media: MediaInputs, tokens: SpecialTokens, vision_encoder):
+    """(pixels, grid_thw, placeholder token, "image"/"video") of the media given, once the encoder and the grid
+    they need are known to be there."""
     for pixels, grid, token, what in ((media.pixel_values, media.image_grid_thw, tokens.image, "image"),
                                       (media.pixel_values_videos, media.video_grid_thw, tokens.video, "video")):
         if pixels is None:
@@ -117,20 +132,17 @@ def check_media(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, audio
             raise ValueError(f"{what} input needs the checkpoint's vision encoder (thinker.visual), absent here")
         if grid is None:
             raise ValueError(f"{what} input needs its {what}_grid_thw")
-        grids = vision_encoder.check_input(pixels, grid, finite=False)   # NaNs: when it runs, not a second pass
-        merge = vision_encoder.cfg.spatial_merge_size
-        _check_count(ids == token, sum(t * h * w for t, h, w in grids) // merge**2, what)
-    prompt_positions(ids, media, config, vision_encoder)   # groups against grids, video seconds, audio in video
+        yield pixels, grid, token, what
 
 
-def _check_count(where: torch.Tensor, features: int, what: str) -> None:
+def _check_placeholders(where: torch.Tensor, features: int, what: str) -> None:
     if int(where.sum()) != features:
         raise ValueError(f"the prompt has {int(where.sum())} {what} placeholder tokens but the {what} input gives "
                          f"{features} features")
 
 
 def _scatter(embeds: torch.Tensor, where: torch.Tensor, values: torch.Tensor, what: str) -> None:
-    _check_count(where, values.shape[0], what)
+    _check_placeholders(where, values.shape[0], what)
     embeds[0, where] = values.to(embeds.dtype)
 
 
@@ -140,19 +152,10 @@ def build_prompt(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, embe
     tokens = config.tokens
     embeds = embed_tokens(ids.view(1, -1))
     if media.has_audio:
-        if audio_encoder is None:
-            raise ValueError("audio input needs the checkpoint's audio encoder (thinker.audio_tower), absent here")
-        audio = audio_features(media, audio_encoder)
+        audio = audio_features(media, _audio_encoder(audio_encoder))
         _scatter(embeds, ids == tokens.audio, audio, "audio")
     visual_masks, deepstacks = [], []
-    for pixels, grid, token, what in ((media.pixel_values, media.image_grid_thw, tokens.image, "image"),
-                                      (media.pixel_values_videos, media.video_grid_thw, tokens.video, "video")):
-        if pixels is None:
-            continue
-        if vision_encoder is None:
-            raise ValueError(f"{what} input needs the checkpoint's vision encoder (thinker.visual), absent here")
-        if grid is None:
-            raise ValueError(f"{what} input needs its {what}_grid_thw")
+    for pixels, grid, token, what in _visual_inputs(media, tokens, vision_encoder):
         visual, deepstack = vision_encoder(pixels, grid)
         _scatter(embeds, ids == token, visual, what)
         visual_masks.append(ids == token)
