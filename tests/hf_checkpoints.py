@@ -32,6 +32,7 @@ def omni_config_dict(
     talker_experts: int = 8,
     vocab: int = 152064,
     max_positions: int = 4096,
+    accept_hidden_layer: int = 1,
 ) -> dict:
     """A small Qwen3-Omni config with the released special ids; the thinker text part is what varies."""
     text = dict(
@@ -62,10 +63,11 @@ def omni_config_dict(
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_code_groups=16,
                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
     talker = dict(text_config=talker_text, code_predictor_config=code_predictor, num_code_groups=16,
-                  thinker_hidden_size=hidden, accept_hidden_layer=min(1, layers), codec_eos_token_id=2150,
-                  codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157, codec_pad_id=2148,
-                  codec_bos_id=2149, audio_token_id=151675, image_token_id=151655, video_token_id=151656,
-                  vision_start_token_id=151652, audio_start_token_id=151669, position_id_per_seconds=13,
+                  thinker_hidden_size=hidden, accept_hidden_layer=min(accept_hidden_layer, layers),
+                  codec_eos_token_id=2150, codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157,
+                  codec_pad_id=2148, codec_bos_id=2149, audio_token_id=151675, image_token_id=151655,
+                  video_token_id=151656, vision_start_token_id=151652, audio_start_token_id=151669,
+                  position_id_per_seconds=13,
                   speaker_id=dict(SPEAKERS), spatial_merge_size=2)
     code2wav = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                     intermediate_size=64, decoder_dim=64, sliding_window=72)

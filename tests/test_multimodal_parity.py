@@ -151,3 +151,18 @@ def test_speech_with_an_image_in_the_system_turn(checkpoint):
     assert alone.codes.shape == (16, 4)
     batched = model.generate_batch([{"input_ids": ids[None], **media}], return_audio=True, **kwargs)[0]
     assert batched.text_ids == alone.text_ids and torch.equal(batched.codes, alone.codes)
+
+
+def test_speech_when_the_talker_reads_the_last_hidden_state(reference_checkpoint):
+    # accept_hidden_layer == thinker layers: the reference's last hidden state is the final-norm one, not the last
+    # layer's output, and the talker's audio rows read it
+    folder, hf_model = reference_checkpoint(accept_hidden_layer=2)
+    model = OmniModel.from_pretrained(folder)
+    prompt = chat(CASES["audio"])
+    media = media_inputs(prompt, seed=1)
+    ids = torch.tensor([prompt.ids])
+    text, codes, wav = reference_speech(hf_model, ids, 4, 8, **media)
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=8,
+                         talker_sampling=GREEDY_TALKER, **media)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)

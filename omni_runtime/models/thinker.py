@@ -24,20 +24,21 @@ class ThinkerTextModel(nn.Module):
                 deepstack: Deepstack | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [B, T, H] layer-0 inputs -> (final-norm hidden [B, T, H], hidden state number ``capture_layer``:
         the output of layer ``capture_layer - 1``, the reference's ``hidden_states[capture_layer]``, taken before
-        the DeepStack features of that layer are added)."""
+        the DeepStack features of that layer are added; the reference's last hidden state is the final-norm one,
+        so capturing after the last layer returns that)."""
         captured = x if capture_layer == 0 else None
         h = self.layers[0].input_layernorm(x)
         for index, layer in enumerate(self.layers):
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             stacked = deepstack is not None and index < len(deepstack.features)
             x, h = layer(x, h, ctx, cache.layer(index), None if stacked else following)   # [B, T, H]
-            if index + 1 == capture_layer:
+            if index + 1 == capture_layer < len(self.layers):
                 captured = x
             if stacked:   # the next norm sees the stream with this layer's DeepStack features added
                 x = x.clone()
                 x[:, deepstack.mask] = x[:, deepstack.mask] + deepstack.features[index].to(x.dtype)
                 h = following(x)
-        return h, captured
+        return h, h if capture_layer == len(self.layers) else captured
 
 
 class Thinker(nn.Module):
