@@ -3,11 +3,12 @@
     python bench/bench_norms.py [--dtype bfloat16] [--tokens 1,8,64,4096]
 
 * ``rms_norm`` (CUDA ``omni::rms_norm`` against the reference's fp32 statistics + two casts);
-* ``add_rms_norm`` (Triton: the residual add and the next norm in one pass, against add + rms_norm);
+* ``add_rms_norm`` (Triton: the residual add and the next norm in one pass, against the add then the CUDA
+  rms_norm, the default on a GPU, and the reference's add + rms_norm);
 * ``silu_mul`` (Triton, on the fused gate/up GEMM's output, against ``F.silu(gate) * up``).
 Hidden sizes are the thinker's (2048) and the talker's (1024); silu_mul's widths the code predictor's MLP (3072) and
-the talker's shared expert (768). ``add_rms_norm`` and ``silu_mul`` stay opt-in in the dispatch until this shows them
-faster than the reference (the rule for every kernel not yet measured on a GPU). Same columns as
+the talker's shared expert (768). The Triton ``add_rms_norm`` and ``silu_mul`` stay opt-in in the dispatch until
+this shows them faster than the defaults (the rule for every kernel not yet measured on a GPU). Same columns as
 bench_attention.py; writes bench/results/norms_<gpu>.json.
 """
 from __future__ import annotations
@@ -47,7 +48,8 @@ def bench_rms_norm(table: Table, dtype, tokens):
 
 
 def bench_add_rms_norm(table: Table, dtype, tokens):
-    from omni_kernels.add_rms_norm import add_rms_norm_ref, add_rms_norm_triton
+    from omni_kernels._extension import has_cuda_op
+    from omni_kernels.add_rms_norm import add_rms_norm_ref, add_rms_norm_triton, add_then_rms_norm_cuda
 
     for hidden in (2048, 1024):
         for t in tokens:
@@ -59,6 +61,9 @@ def bench_add_rms_norm(table: Table, dtype, tokens):
             diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(ours, ref))
             table.add("add_rms_norm", case, "triton fused", measure(lambda: add_rms_norm_triton(x, r, w, 1e-6),
                                                                     nbytes), diff)
+            if has_cuda_op("rms_norm"):   # the default on a GPU until the fused pass is measured faster
+                table.add("add_rms_norm", case, "add + cuda rms_norm",
+                          measure(lambda: add_then_rms_norm_cuda(x, r, w, 1e-6), nbytes))
             table.add("add_rms_norm", case, "torch ref", measure(lambda: add_rms_norm_ref(x, r, w, 1e-6), nbytes))
 
 

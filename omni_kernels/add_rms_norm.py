@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
-from omni_kernels.rms_norm import rms_norm_ref
+from omni_kernels.rms_norm import _rms_norm_cuda, rms_norm_ref
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -62,8 +63,16 @@ def add_rms_norm_triton(x, residual, weight, eps):
     return total.view(x.shape), out.view(x.shape)
 
 
+def add_then_rms_norm_cuda(x, residual, weight, eps):
+    """The add, then ``omni::rms_norm``: two kernels, what a GPU layer ran before this op existed (the reference's
+    composition is seven: the add, two casts, square, mean, rsqrt and two multiplies, each a launch at decode)."""
+    total = x + residual
+    return total, _rms_norm_cuda(total, weight, eps, None)
+
+
 REGISTRY.register("add_rms_norm", "torch", everywhere)(add_rms_norm_ref)
-# opt-in until bench/bench_norms.py shows it faster than the reference on a GPU
+REGISTRY.register("add_rms_norm", "cuda", cuda_runs("rms_norm"))(add_then_rms_norm_cuda)
+# opt-in until bench/bench_norms.py shows it faster than the add and the CUDA rms_norm on a GPU
 REGISTRY.register("add_rms_norm", "triton", triton_runs, opt_in=True)(add_rms_norm_triton)
 
 

@@ -33,6 +33,18 @@ def test_rms_norm_cuda_matches_reference(shape, dtype, atol, rtol, layout):
     torch.testing.assert_close(out, ok.rms_norm_ref(x, w, 1e-6), atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1024), (7, 129), (3, 5, 2048)])
+def test_add_rms_norm_default_on_a_gpu_is_the_add_then_cuda_rms_norm(shape, dtype, atol, rtol):
+    x, r = (torch.randn(shape, device="cuda").to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype)
+    assert ok.selected_backend("add_rms_norm", "cuda") == "cuda"
+    total, normed = ok.add_rms_norm(x, r.transpose(0, -1).contiguous().transpose(0, -1), w, 1e-6)
+    ref_total, ref_normed = ok.add_rms_norm_ref(x, r, w, 1e-6)
+    assert torch.equal(total, ref_total)
+    torch.testing.assert_close(normed, ref_normed, atol=atol, rtol=rtol)
+
+
 def test_rms_norm_cuda_in_place_and_overlap():
     x = torch.randn(5, 129, device="cuda")
     expected = ok.rms_norm_ref(x, torch.ones(129, device="cuda"), 1e-6)
