@@ -137,6 +137,10 @@ def main():
         print(f"{'whole, ' + name:16s} {ms:9.3f} {floor_total:9.3f} {ms / floor_total:8.1f}")
 
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # kernels a frame launches: at decode each costs a few microseconds of launch and tail, whatever it computes
+    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / 5
+    if device.type == "cuda":
+        print(f"kernels per frame (stage by stage): {launches:.0f}")
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:args.top]
     ops = [{"name": e.key, "calls_per_frame": e.count / 5, "us_per_frame": getattr(e, sort_key) / 5} for e in events]
     print(f"\n{'op / kernel (5 frames profiled)':70s} {'calls/frame':>11s} {'us/frame':>9s}")
@@ -145,7 +149,8 @@ def main():
     path = save("talker_frame" + ("_full" if args.full_size else ""),
                 {"bench": "talker_frame", "env": environment(device), "dtype": args.dtype,
                  "full_size": args.full_size, "peak_gbs": args.peak_gbs, "stages": rows,
-                 "frame_ms": total, "floor_ms": floor_total, "whole_frame_ms": whole, "top_ops": ops})
+                 "frame_ms": total, "floor_ms": floor_total, "whole_frame_ms": whole, "launches_per_frame": launches,
+                 "top_ops": ops})
     print("saved", path)
 
 
