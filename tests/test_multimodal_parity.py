@@ -166,3 +166,27 @@ def test_speech_when_the_talker_reads_the_last_hidden_state(reference_checkpoint
                          talker_sampling=GREEDY_TALKER, **media)
     assert out.text_ids == text
     assert torch.equal(out.codes, codes)
+
+
+@pytest.mark.parametrize("case", ["two audios and an image", "video with its audio"])
+def test_speech_from_mixed_media_matches_reference(checkpoint, case):
+    # Two reference bugs stand in the way, both patched here: its talker reads ``config.audio_config.n_window``, a
+    # field the talker config lacks (any prompt with audio and an image or video fails), and its generate does not
+    # pass ``use_audio_in_video`` on to the talker (which then lays the video's positions out as plain text).
+    folder, hf_model = checkpoint
+    model = OmniModel.from_pretrained(folder)
+    prompt = chat(CASES[case])
+    media = media_inputs(prompt, seed=1)
+    ids = torch.tensor([prompt.ids])
+    talker_config = hf_model.talker.config
+    talker_config.audio_config = hf_model.config.thinker_config.audio_config
+    try:
+        extra = {"talker_use_audio_in_video": True} if prompt.audio_in_video else {}
+        text, codes, wav = reference_speech(hf_model, ids, 6, 12, **media, **extra)
+    finally:
+        del talker_config.audio_config
+    out = model.generate(ids, max_new_tokens=6, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
+                         talker_sampling=GREEDY_TALKER, **media)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)
+    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
