@@ -150,11 +150,13 @@ class OmniModel:
     def prepare(self, messages: list[dict], use_audio_in_video: bool = False) -> dict:
         """A chat (system/user/assistant turns of text, audio, image and video parts) -> the keyword arguments of
         :meth:`generate`/:meth:`stream`: ``input_ids`` with the right placeholders and the media inputs, equal to
-        what the reference processor produces. Text parts need the checkpoint's tokenizer.json."""
+        what the reference processor produces (an audio-in-video group interleaves at the processor's own 13
+        positions a second, whatever the config's rope layout uses). Text parts need the checkpoint's
+        tokenizer.json."""
         merge = self.vision_encoder.cfg.spatial_merge_size if self.vision_encoder is not None else 2
         return prepare_inputs(messages, self.tokenizer, self.config.tokens, spatial_merge_size=merge,
                               image_kwargs=self.image_kwargs, use_audio_in_video=use_audio_in_video,
-                              position_id_per_seconds=self.config.position_id_per_seconds, device=self.device)
+                              device=self.device)
 
     def decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None

@@ -203,6 +203,7 @@ class TalkerConfig:
     codec_think_eos: int
     speakers: dict[str, int]
     spatial_merge_size: int = 2
+    position_id_per_seconds: float = 25.0   # its own get_rope_index's (the class default is 25, the release's 13)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "talker_config") -> TalkerConfig:
@@ -224,6 +225,7 @@ class TalkerConfig:
             codec_bos=codec("codec_bos_id", 2149), codec_nothink=codec("codec_nothink_id", 2155),
             codec_think_bos=codec("codec_think_bos_id", 2156), codec_think_eos=codec("codec_think_eos_id", 2157),
             speakers=speakers, spatial_merge_size=_int(d, "spatial_merge_size", where, 2),
+            position_id_per_seconds=_positive_float(d, "position_id_per_seconds", where, 25),
         )
 
     def speaker_id(self, name: str) -> int:
@@ -237,7 +239,7 @@ class TalkerConfig:
 class OmniConfig:
     thinker_text: MoeTextConfig
     tokens: SpecialTokens
-    position_id_per_seconds: float = 13.0
+    position_id_per_seconds: float = 25.0   # the thinker's get_rope_index's (class default 25, the release's 13)
     eos_token_ids: tuple[int, ...] = ()
     talker: TalkerConfig | None = None        # None: a text-only checkpoint
     raw: dict = field(default_factory=dict, repr=False, compare=False)
@@ -258,7 +260,7 @@ class OmniConfig:
         talker = _dict(d, "talker_config", "", default={}) if d.get("enable_audio_output", True) else None
         config = cls(thinker_text=MoeTextConfig.from_dict(thinker["text_config"], "thinker_config.text_config"),
                      tokens=tokens,
-                     position_id_per_seconds=_positive_float(thinker, "position_id_per_seconds", "thinker_config", 13),
+                     position_id_per_seconds=_positive_float(thinker, "position_id_per_seconds", "thinker_config", 25),
                      eos_token_ids=_eos_ids(generation, tokens.im_end),
                      talker=TalkerConfig.from_dict(talker) if talker else None, raw=d)
         layers = config.thinker_text.num_hidden_layers

@@ -112,7 +112,7 @@ def check_media(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, audio
         grids = vision_encoder.check_input(pixels, grid, finite=False)   # NaNs: when it runs, not a second pass
         merge = vision_encoder.cfg.spatial_merge_size
         _check_placeholders(ids == token, sum(t * h * w for t, h, w in grids) // merge**2, what)
-    prompt_positions(ids, media, config, vision_encoder)   # groups against grids, video seconds, audio in video
+    thinker_positions(ids, media, config, vision_encoder)   # groups against grids, video seconds, audio in video
 
 
 def _audio_encoder(audio_encoder):
@@ -160,15 +160,22 @@ def build_prompt(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, embe
         _scatter(embeds, ids == token, visual, what)
         visual_masks.append(ids == token)
         deepstacks.append(deepstack)
-    positions = prompt_positions(ids, media, config, vision_encoder)
+    positions = thinker_positions(ids, media, config, vision_encoder)
     return PromptInputs(embeds, positions, _joint_deepstack(visual_masks, deepstacks))
 
 
-def prompt_positions(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, vision_encoder) -> torch.Tensor:
+def thinker_positions(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, vision_encoder) -> torch.Tensor:
+    merge = vision_encoder.cfg.spatial_merge_size if vision_encoder is not None else 2
+    return prompt_positions(ids, media, config.tokens, config.position_id_per_seconds, merge)
+
+
+def prompt_positions(ids: torch.Tensor, media: MediaInputs, tokens: SpecialTokens, position_id_per_seconds: float,
+                     spatial_merge_size: int) -> torch.Tensor:
+    """[3, 1, L] M-RoPE positions of a prompt, as get_rope_index lays them out with these two settings (the thinker
+    and the talker each read their own config's)."""
     if not media.has_visual and not media.use_audio_in_video:
         return torch.arange(ids.numel(), device=ids.device).view(1, 1, -1).expand(3, 1, -1)
-    merge = vision_encoder.cfg.spatial_merge_size if vision_encoder is not None else 2
-    positions, _ = rope_positions(ids, config.tokens, config.position_id_per_seconds, merge,
+    positions, _ = rope_positions(ids, tokens, position_id_per_seconds, spatial_merge_size,
                                   image_grid_thw=media.image_grid_thw, video_grid_thw=media.video_grid_thw,
                                   video_second_per_grid=media.video_second_per_grid,
                                   use_audio_in_video=media.use_audio_in_video)
@@ -192,14 +199,15 @@ def _joint_deepstack(masks: list[torch.Tensor], deepstacks: list[list[torch.Tens
     return Deepstack(joint, features)
 
 
-def talker_positions(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, vision_encoder) -> torch.Tensor:
+def talker_positions(ids: torch.Tensor, media: MediaInputs, config: OmniConfig) -> torch.Tensor:
     """Positions of the talker's prefill: its user part (ids as in the prompt) then 9 assistant slots, laid out
     like a prompt whose assistant slots are text (the reference runs get_rope_index on these ids). Only the user
     turns' images and videos are in it, so only their grids count (the reference passes all of them, and fails on
-    an image in the system turn)."""
+    an image in the system turn). The time scale and merge size are the talker config's, as the reference's."""
     user = user_positions(ids, config.tokens)
     talker_ids = torch.cat([ids[user], torch.full((9,), config.tokens.tts_pad, dtype=ids.dtype, device=ids.device)])
-    return prompt_positions(talker_ids, user_turn_media(ids, user, media, config.tokens), config, vision_encoder)
+    return prompt_positions(talker_ids, user_turn_media(ids, user, media, config.tokens), config.tokens,
+                            config.talker.position_id_per_seconds, config.talker.spatial_merge_size)
 
 
 def user_turn_media(ids: torch.Tensor, user: torch.Tensor, media: MediaInputs, tokens: SpecialTokens) -> MediaInputs:

@@ -277,7 +277,7 @@ class SpeechSession:
         yield from self._thinker_until_ready(ASSISTANT_TEXT_ROWS)   # the first generated token's row
         prefill = talker_prefill_embeds(self.model.talker, cfg, self.model.config.tokens, self.ids, self.prompt_embeds,
                                         self.thinker.prompt_hidden, self.text, opts.speaker_id)
-        positions = talker_positions(self.ids, self.media, self.model.config, self.model.vision_encoder)
+        positions = talker_positions(self.ids, self.media, self.model.config)
         with self.timer("talker prefill"):
             logits, hidden = self.runner.prefill(prefill, positions)
         self.runner.begin_answer(opts.talker_sampler, opts.predictor_sampler)

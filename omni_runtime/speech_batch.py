@@ -320,8 +320,7 @@ class SpeechEngine:
 
     def _talker_positions(self, answer: SpokenAnswer) -> torch.Tensor:
         if answer.talker_positions is None:
-            answer.talker_positions = talker_positions(answer.request.ids, answer.request.media, self.model.config,
-                                                       self.model.vision_encoder)
+            answer.talker_positions = talker_positions(answer.request.ids, answer.request.media, self.model.config)
         return answer.talker_positions
 
     @contextmanager

@@ -33,6 +33,7 @@ def omni_config_dict(
     vocab: int = 152064,
     max_positions: int = 4096,
     accept_hidden_layer: int = 1,
+    talker_position_id_per_seconds: int = 13,
 ) -> dict:
     """A small Qwen3-Omni config with the released special ids; the thinker text part is what varies."""
     text = dict(
@@ -67,7 +68,7 @@ def omni_config_dict(
                   codec_eos_token_id=2150, codec_nothink_id=2155, codec_think_bos_id=2156, codec_think_eos_id=2157,
                   codec_pad_id=2148, codec_bos_id=2149, audio_token_id=151675, image_token_id=151655,
                   video_token_id=151656, vision_start_token_id=151652, audio_start_token_id=151669,
-                  position_id_per_seconds=13,
+                  position_id_per_seconds=talker_position_id_per_seconds,
                   speaker_id=dict(SPEAKERS), spatial_merge_size=2)
     code2wav = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                     intermediate_size=64, decoder_dim=64, sliding_window=72)

@@ -144,7 +144,7 @@ def test_speech_with_an_image_in_the_system_turn(checkpoint):
     talker_ids = torch.cat([ids[user_positions(ids, model.config.tokens)], torch.full((9,), TTS_PAD)])
     expected, _ = rope_positions(talker_ids, model.config.tokens, model.config.position_id_per_seconds,
                                  image_grid_thw=torch.tensor([[1, 4, 4]]))
-    got = talker_positions(ids, MediaInputs.from_kwargs(media), model.config, model.vision_encoder)
+    got = talker_positions(ids, MediaInputs.from_kwargs(media), model.config)
     assert torch.equal(got, expected)
     kwargs = dict(max_new_tokens=4, eos_token_id=None, talker_max_new_tokens=5, talker_sampling=GREEDY_TALKER)
     alone = model.generate(ids[None], return_audio=True, **kwargs, **media)
@@ -190,3 +190,28 @@ def test_speech_from_mixed_media_matches_reference(checkpoint, case):
     assert out.text_ids == text
     assert torch.equal(out.codes, codes)
     torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+
+
+def test_the_talker_lays_out_positions_with_its_own_config(reference_checkpoint):
+    # thinker 13 positions a second, talker 25: each get_rope_index reads its own config's, so a video's frames sit
+    # at other talker positions than thinker ones
+    folder, hf_model = reference_checkpoint(talker_position_id_per_seconds=25)
+    model = OmniModel.from_pretrained(folder)
+    assert (model.config.position_id_per_seconds, model.config.talker.position_id_per_seconds) == (13, 25)
+    prompt = chat(lambda p: p.text(2).video((3, 4, 4), 2.0).text(3))
+    media = media_inputs(prompt, seed=1)
+    ids = torch.tensor([prompt.ids])
+    text, codes, wav = reference_speech(hf_model, ids, 4, 8, **media)
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=8,
+                         talker_sampling=GREEDY_TALKER, **media)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)
+
+
+def test_a_config_without_the_time_scale_takes_the_class_default():
+    from hf_checkpoints import omni_config_dict
+    from omni_runtime.config import OmniConfig
+    config = omni_config_dict()
+    del config["thinker_config"]["position_id_per_seconds"], config["talker_config"]["position_id_per_seconds"]
+    parsed = OmniConfig.from_dict(config)
+    assert parsed.position_id_per_seconds == parsed.talker.position_id_per_seconds == 25   # transformers' default
