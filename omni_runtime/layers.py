@@ -91,7 +91,8 @@ class DenseMLP(nn.Module):
 
     def fuse_projections(self) -> None:
         """One GEMM for gate and up, then ``silu_mul``: three kernels fewer per MLP (see Attention's)."""
-        self.gate_up_weight = _fuse(self.gate_proj, self.up_proj)
+        if self.gate_up_weight is None:   # a shared expert's are fused with its gate by its MoE block
+            self.gate_up_weight = _fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
@@ -120,9 +121,10 @@ def _fuse(*projections: nn.Linear) -> torch.Tensor:
 
 
 def fuse_projections(model: nn.Module) -> None:
-    """Fused q/k/v and gate/up GEMMs in every decoder attention and dense MLP of ``model`` (the GPU runtime's)."""
-    for module in model.modules():
-        if isinstance(module, (Attention, DenseMLP)):
+    """Fused q/k/v and gate/up GEMMs in every decoder attention and dense MLP of ``model``, and the shared experts'
+    input GEMMs (the GPU runtime's)."""
+    for module in model.modules():   # a MoE block before its shared expert
+        if isinstance(module, (Attention, DenseMLP, SparseMoeBlock)):
             module.fuse_projections()
 
 
@@ -137,13 +139,22 @@ class SparseMoeBlock(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_input_weight: torch.Tensor | None = None   # fuse_projections(): [2 Is + 1, H]
+
+    def fuse_projections(self) -> None:
+        """The shared expert's gate and up projections and its sigmoid gate as one GEMM (two launches fewer a
+        talker layer at decode); the three weights become views of it, as Attention's."""
+        if hasattr(self, "shared_expert"):
+            mlp = self.shared_expert
+            self.shared_input_weight = _fuse(mlp.gate_proj, mlp.up_proj, self.shared_expert_gate)
+            mlp.gate_up_weight = self.shared_input_weight[:2 * mlp.gate_proj.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = None
         if hasattr(self, "shared_expert"):
             mlp = self.shared_expert
             shared = ok.SharedExpert(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-                                     self.shared_expert_gate.weight)
+                                     self.shared_expert_gate.weight, self.shared_input_weight)
         out = ok.fused_moe(x.reshape(-1, x.shape[-1]), self.gate.weight, self.experts.gate_up_proj,
                            self.experts.down_proj, self.top_k, self.renormalize, shared)
         return out.view_as(x)

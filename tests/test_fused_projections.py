@@ -18,6 +18,9 @@ def test_fused_projections_keep_the_weights_and_the_answer(reference_checkpoint)
     attn, mlp = fused.talker.code_predictor.model.layers[0].self_attn, fused.talker.code_predictor.model.layers[0].mlp
     assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()            # views of the fused weight
     assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[mlp.gate_proj.out_features:].data_ptr()
+    moe = fused.talker.model.layers[0].mlp                                        # the shared expert's three inputs
+    assert moe.shared_expert_gate.weight.data_ptr() == moe.shared_input_weight[-1:].data_ptr()
+    assert moe.shared_expert.gate_up_weight.data_ptr() == moe.shared_input_weight.data_ptr()
     after = fused.talker.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 

@@ -59,7 +59,7 @@ def moe_inputs(num_tokens, num_experts, top_k, hidden, inter, dtype, shared_inte
     shared = ok.SharedExpert(rnd(shared_inter, hidden), rnd(shared_inter, hidden), rnd(hidden, shared_inter),
                              rnd(1, hidden)) if shared_inter else None
     x = untied_tokens(num_tokens, router, top_k, g)
-    to = lambda t: t.to(DEVICE)  # noqa: E731
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     return to(x), to(router), to(gate_up), to(down), shared and ok.SharedExpert(*map(to, shared))
 
 
@@ -92,10 +92,14 @@ def test_matches_reference(T, E, top_k, renormalize, is_strided, dtype, ulps):
 
 
 @pytest.mark.parametrize("dtype, ulps", DTYPES)
-def test_talker_shared_expert(dtype, ulps):
-    x, router, gate_up, down, shared = moe_inputs(3, 128, 6, 40, 24, dtype, shared_inter=56, seed=1)
+@pytest.mark.parametrize("fused", [False, True], ids=["three input GEMMs", "one fused input GEMM"])
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_talker_shared_expert(T, fused, dtype, ulps):
+    x, router, gate_up, down, shared = moe_inputs(T, 128, 6, 40, 24, dtype, shared_inter=56, seed=1)
+    if fused:   # as fuse_projections lays it out: gate_proj, up_proj, gate rows of one weight
+        shared = shared._replace(fused=torch.cat([shared.gate_proj, shared.up_proj, shared.gate]))
     with ok.use_backend("triton", op="fused_moe"):
-        out = ok.fused_moe(x, router, gate_up, down, 6, True, shared=shared)
+        out = ok.fused_moe(strided(x), router, gate_up, down, 6, True, shared=shared)
     assert_ulps(out, ok.fused_moe_ref(x, router, gate_up, down, 6, True, shared), ulps)
 
 
@@ -218,12 +222,12 @@ def test_dispatch_uses_the_reference_on_cpu_unless_forced(monkeypatch):
 
 def test_custom_op_has_a_fake_and_traces():
     x, router, gate_up, down, shared = moe_inputs(2, 8, 2, 16, 8, torch.float32, shared_inter=8)
-    torch.library.opcheck(torch.ops.omni.fused_moe_triton.default, (x, router, gate_up, down, 2, True, *shared),
+    torch.library.opcheck(torch.ops.omni.fused_moe_triton.default, (x, router, gate_up, down, 2, True, *shared[:4]),
                           test_utils=("test_schema", "test_faketensor"))
     # a column-major x: the output is row-major all the same, and the fakes say so
     column_major = x.t().contiguous().t()
     for op in (torch.ops.omni.fused_moe_triton, torch.ops.omni.fused_moe_ref):
-        torch.library.opcheck(op.default, (column_major, router, gate_up, down, 2, True, *shared),
+        torch.library.opcheck(op.default, (column_major, router, gate_up, down, 2, True, *shared[:4]),
                               test_utils=("test_schema", "test_faketensor"))
     torch._dynamo.reset()
     with ok.use_backend("triton", op="fused_moe"):

@@ -218,7 +218,7 @@ def moe_formula(x, router, gate_up, down, top_k, renormalize, shared=None):
             y = down[e].double() @ (F.silu(h[:inter]) * h[inter:])
             out[t] += weights[t, slot].double() * y
     if shared is not None:
-        s = [p.double() for p in shared]
+        s = [p.double() for p in shared[:4]]
         mlp = s[2] @ (F.silu(s[0] @ x.double().T) * (s[1] @ x.double().T))
         out += (torch.sigmoid(s[3] @ x.double().T) * mlp).T
     return out
@@ -231,6 +231,18 @@ def moe_weights(E, H, inter, dtype, shared_inter=0):
     shared = ok.SharedExpert(rnd(shared_inter, H), rnd(shared_inter, H), rnd(H, shared_inter), rnd(1, H)) \
         if shared_inter else None
     return router, gate_up, down, shared
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("T", [1, 7, 129])
+def test_shared_expert_with_one_input_gemm_equals_three(T, dtype, atol, rtol):
+    # the GPU runtime's layout (fuse_projections): gate_proj, up_proj and the sigmoid gate as rows of one weight
+    from omni_kernels.moe import shared_expert, shared_expert_ref
+    _, _, _, shared = moe_weights(8, 48, 24, dtype, shared_inter=40)
+    fused = shared._replace(fused=torch.cat([shared.gate_proj, shared.up_proj, shared.gate]))
+    x = strided(torch.randn(T, 48).to(dtype))
+    assert torch.equal(shared_expert(x, shared), shared_expert_ref(x, shared))     # unfused: the reference itself
+    torch.testing.assert_close(shared_expert(x, fused), shared_expert_ref(x, shared), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
