@@ -105,10 +105,10 @@ def time_ms(calls, graphable: bool) -> tuple[float, str]:
 
 
 def bench_shape(name, shape, num_tokens, dtype, impls, device):
-    E, top_k, I, H = shape["E"], shape["top_k"], shape["I"], shape["H"]
+    E, top_k, inter, H = shape["E"], shape["top_k"], shape["I"], shape["H"]
     g = torch.Generator(device).manual_seed(0)
     rnd = lambda *s, scale=0.02: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)  # noqa: E731
-    router, w_gate_up, w_down = rnd(E, H), rnd(E, 2 * I, H), rnd(E, H, I)
+    router, w_gate_up, w_down = rnd(E, H), rnd(E, 2 * inter, H), rnd(E, H, inter)
     sets = ROTATIONS if num_tokens <= GRAPH_MAX_TOKENS else 1
     xs = [rnd(num_tokens, H, scale=1.0) for _ in range(sets)]
     routes = [ok.moe_route_ref(x, router, top_k, True) for x in xs]
@@ -133,8 +133,8 @@ def bench_shape(name, shape, num_tokens, dtype, impls, device):
             whole = impl in ("triton", "cuda", "torch_ref")
             calls = [lambda x=x, r=r, fn=fn: fn(x, *r) for x, r in zip(xs, routes, strict=True)]
             ms, timing = time_ms(calls, graphable=impl != "torch_ref")  # the reference syncs (bincount)
-            nbytes = (unique * 3 * I * H + 2 * num_tokens * H + (E * H if whole else 0)) * elt
-            flops = 2 * num_tokens * top_k * 3 * I * H + (2 * num_tokens * E * H if whole else 0)
+            nbytes = (unique * 3 * inter * H + 2 * num_tokens * H + (E * H if whole else 0)) * elt
+            flops = 2 * num_tokens * top_k * 3 * inter * H + (2 * num_tokens * E * H if whole else 0)
             gpu = torch.cuda.get_device_name()
             peak_bw, peak_flops = peak(PEAK_BYTES_PER_S, gpu), peak(PEAK_BF16_FLOPS, gpu)
             rows.append(dict(shape=name, **shape, tokens=num_tokens, dtype=str(dtype).removeprefix("torch."),

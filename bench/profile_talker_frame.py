@@ -138,8 +138,10 @@ def main():
 
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     # kernels a frame launches: at decode each costs a few microseconds of launch and tail, whatever it computes
-    launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / 5
-    if device.type == "cuda":
+    launches = None
+    if device.type == "cuda":   # kernels only: the graph replays' memcpy/memset events are not launches
+        launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.key.lower().startswith(("memcpy", "memset"))) / 5
         print(f"kernels per frame (stage by stage): {launches:.0f}")
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:args.top]
     ops = [{"name": e.key, "calls_per_frame": e.count / 5, "us_per_frame": getattr(e, sort_key) / 5} for e in events]

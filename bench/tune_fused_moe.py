@@ -70,15 +70,15 @@ def best_config(label: str, make_call, candidates: list[dict]) -> tuple[dict, fl
 
 def tune_tokens(shape: dict, num_tokens: int, dtype: torch.dtype, quick: bool, target: moe.GpuTarget,
                 device="cuda") -> dict:
-    E, top_k, I, H = shape["E"], shape["top_k"], shape["I"], shape["H"]
+    E, top_k, inter, H = shape["E"], shape["top_k"], shape["I"], shape["H"]
     g = torch.Generator(device).manual_seed(num_tokens)
     rnd = lambda *s, scale=0.02: (torch.randn(*s, generator=g, device=device) * scale).to(dtype)  # noqa: E731
-    router, w_gate_up, w_down = rnd(E, H), rnd(E, 2 * I, H), rnd(E, H, I)
+    router, w_gate_up, w_down = rnd(E, H), rnd(E, 2 * inter, H), rnd(E, H, inter)
     x = rnd(num_tokens, H, scale=1.0)
     weights, ids = moe.moe_route(torch.nn.functional.linear(x, router), top_k, True)
     block_ms, candidates = search_space(num_tokens, quick)
     decode = num_tokens <= moe.DECODE_MAX_TOKENS
-    default = moe.default_config(num_tokens, top_k, E, I, H, dtype, target)
+    default = moe.default_config(num_tokens, top_k, E, inter, H, dtype, target)
     if not decode and default["BLOCK_M"] not in block_ms:
         block_ms = sorted(block_ms + [default["BLOCK_M"]])
     best = None

@@ -100,12 +100,17 @@ def shared_expert_ref(x: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
 
 
 def shared_expert(x: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
-    """``shared_expert_ref``'s math and roundings, its three input projections as one GEMM when ``shared.fused``
-    is given (then 4 launches at decode, not 8)."""
+    """``shared_expert_ref``'s math and elementwise roundings, its three input projections as one GEMM when
+    ``shared.fused`` is given (4 launches at decode, not 8; a GPU GEMM of other rows may block, and so round,
+    differently). A traced call (torch.compile) drops ``fused``: the custom op takes the four weights."""
     if shared.fused is None:
         return shared_expert_ref(x, shared)
-    inter = shared.gate_proj.shape[0]
-    projected = F.linear(x, shared.fused)                                          # [T, 2 Is + 1]
+    inter, hidden = shared.gate_proj.shape
+    fused = shared.fused
+    if fused.shape != (2 * inter + 1, hidden) or fused.dtype != x.dtype or fused.device != x.device:
+        raise ValueError(f"shared expert: fused input weight {tuple(fused.shape)} {fused.dtype} {fused.device} "
+                         f"does not stack gate_proj, up_proj and gate {(2 * inter + 1, hidden)} {x.dtype} {x.device}")
+    projected = F.linear(x, fused)                                                 # [T, 2 Is + 1]
     mlp = F.linear(silu_mul(projected[:, :2 * inter]), shared.down_proj)
     return torch.sigmoid(projected[:, 2 * inter:]) * mlp
 

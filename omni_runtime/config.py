@@ -193,6 +193,7 @@ class TalkerConfig:
     code_predictor: MoeTextConfig
     num_code_groups: int
     accept_hidden_layer: int   # index into the thinker's hidden states: output of layer accept_hidden_layer - 1
+    #                            (the final-norm output when it is the thinker's layer count)
     thinker_hidden_size: int
     projection_size: int       # inner width of text_projection / hidden_projection
     codec_eos: int

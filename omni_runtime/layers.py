@@ -91,8 +91,7 @@ class DenseMLP(nn.Module):
 
     def fuse_projections(self) -> None:
         """One GEMM for gate and up, then ``silu_mul``: three kernels fewer per MLP (see Attention's)."""
-        if self.gate_up_weight is None:   # a shared expert's are fused with its gate by its MoE block
-            self.gate_up_weight = _fuse(self.gate_proj, self.up_proj)
+        self.gate_up_weight = _fuse(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
@@ -123,8 +122,9 @@ def _fuse(*projections: nn.Linear) -> torch.Tensor:
 def fuse_projections(model: nn.Module) -> None:
     """Fused q/k/v and gate/up GEMMs in every decoder attention and dense MLP of ``model``, and the shared experts'
     input GEMMs (the GPU runtime's)."""
-    for module in model.modules():   # a MoE block before its shared expert
-        if isinstance(module, (Attention, DenseMLP, SparseMoeBlock)):
+    shared = {id(m.shared_expert) for m in model.modules() if hasattr(m, "shared_expert")}   # fused by their block
+    for module in model.modules():
+        if isinstance(module, (Attention, DenseMLP, SparseMoeBlock)) and id(module) not in shared:
             module.fuse_projections()
 
 

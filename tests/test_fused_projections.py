@@ -34,3 +34,23 @@ def test_fused_projections_keep_the_weights_and_the_answer(reference_checkpoint)
     assert outs[0].text_ids == outs[1].text_ids and torch.equal(outs[0].codes, outs[1].codes)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[1].audio, outs[0].audio, atol=1e-5, rtol=0)
+
+
+def test_fused_shared_expert_through_the_gpu_moe_path(reference_checkpoint):
+    # On CPU the model's fused_moe is the reference, which reads the separate weights; the Triton path (what a GPU
+    # runs, here in the interpreter) reads the fused one
+    import pytest
+
+    from omni_kernels._triton import HAS_TRITON
+    if not HAS_TRITON:
+        pytest.skip("needs triton")
+    folder, _ = reference_checkpoint()
+    separate, fused = OmniModel.from_pretrained(folder), OmniModel.from_pretrained(folder)
+    fuse_projections(fused.talker)
+    x = torch.randn(1, 3, separate.config.talker.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode(), ok.use_backend("triton", op="fused_moe"):
+        blocks = [m.talker.model.layers[0].mlp for m in (separate, fused)]
+        assert blocks[0].shared_input_weight is None and blocks[1].shared_input_weight is not None
+        torch.testing.assert_close(blocks[1](x), blocks[0](x), atol=1e-6, rtol=1e-5)
+        fuse_projections(fused.talker)   # twice: the views are remade, the answer stays
+        torch.testing.assert_close(blocks[1](x), blocks[0](x), atol=1e-6, rtol=1e-5)

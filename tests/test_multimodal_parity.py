@@ -142,7 +142,7 @@ def test_speech_with_an_image_in_the_system_turn(checkpoint):
     media = media_inputs(prompt)
     ids = torch.tensor(prompt.ids)
     talker_ids = torch.cat([ids[user_positions(ids, model.config.tokens)], torch.full((9,), TTS_PAD)])
-    expected, _ = rope_positions(talker_ids, model.config.tokens, model.config.position_id_per_seconds,
+    expected, _ = rope_positions(talker_ids, model.config.tokens, model.config.talker.position_id_per_seconds,
                                  image_grid_thw=torch.tensor([[1, 4, 4]]))
     got = talker_positions(ids, MediaInputs.from_kwargs(media), model.config)
     assert torch.equal(got, expected)

@@ -2,7 +2,8 @@
 
 Positions are TM-RoPE rows ``[3, B, T]`` (t, h, w), or ``[B, T]`` for 1-D RoPE. Each decode step sits one past
 the previous step's position on every row, the reference generate's rule (prompts end in text, where this equals
-``cache_len + rope_delta``). Video positions can be fractional (seconds x 13), so positions stay in their dtype.
+``cache_len + rope_delta``). Video positions can be fractional (seconds x position_id_per_seconds), so positions
+stay in their dtype.
 """
 from __future__ import annotations
 
