@@ -269,6 +269,11 @@ class OmniConfig:
             # the talker reads the thinker's hidden state number accept_hidden_layer at audio/image/video tokens
             raise ValueError(f"inconsistent talker_config: accept_hidden_layer={config.talker.accept_hidden_layer} "
                              f"needs a thinker of at least that many layers, this one has {layers}")
+        vision_merge = thinker.get("vision_config", {}).get("spatial_merge_size", 2)
+        if config.talker is not None and config.talker.spatial_merge_size != vision_merge:
+            # the talker lays out the thinker's image/video placeholders, one per merged patch
+            raise ValueError(f"inconsistent talker_config: spatial_merge_size={config.talker.spatial_merge_size} "
+                             f"differs from thinker_config.vision_config's {vision_merge}")
         return config
 
     @classmethod

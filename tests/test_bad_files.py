@@ -103,6 +103,7 @@ def test_malformed_field_is_named(tmp_path, path, value, delete):
     ("thinker_config.text_config", dict(mlp_only_layers=[0], intermediate_size=0), "dense layers .* need"),
     ("talker_config.code_predictor_config", dict(intermediate_size=0), "dense layers .* need"),
     ("talker_config", dict(accept_hidden_layer=9), "accept_hidden_layer=9 needs a thinker of at least"),
+    ("talker_config", dict(spatial_merge_size=4), "spatial_merge_size=4 differs from thinker_config.vision_config"),
 ])
 def test_fields_that_do_not_fit_together_are_named(tmp_path, where, fields, message):
     config = copy.deepcopy(omni_config_dict())
