@@ -65,7 +65,8 @@ def add_rms_norm_triton(x, residual, weight, eps):
 
 def add_then_rms_norm_cuda(x, residual, weight, eps):
     """The add, then ``omni::rms_norm``: two kernels, what a GPU layer ran before this op existed (the reference's
-    composition is seven: the add, two casts, square, mean, rsqrt and two multiplies, each a launch at decode)."""
+    composition is nine in bf16: the add, two casts, square, mean, the eps add, rsqrt and two multiplies, each a
+    launch at decode)."""
     total = x + residual
     return total, _rms_norm_cuda(total, weight, eps, None)
 
