@@ -127,8 +127,10 @@ class MoeTextConfig:
             raise ValueError(f"inconsistent {where}: " + "; ".join(problems))
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "text_config") -> MoeTextConfig:
-        """``where``: the dict's place in config.json, for error messages naming a malformed field."""
+    def from_dict(cls, d: dict, where: str = "text_config", norm_topk_prob: bool = True) -> MoeTextConfig:
+        """``where``: the dict's place in config.json, for error messages naming a malformed field;
+        ``norm_topk_prob``: what a config without the key means (transformers' class defaults: True for the
+        thinker, False for the talker, whose release sets True)."""
         rope_key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
         rope = _dict(d, rope_key, where, default={})
         rope_where = _join(where, rope_key)
@@ -143,7 +145,7 @@ class MoeTextConfig:
             moe_intermediate_size=_int(d, "moe_intermediate_size", where, 0, minimum=0),
             num_experts=_int(d, "num_experts", where, _int(d, "num_local_experts", where, 0, minimum=0), minimum=0),
             num_experts_per_tok=_int(d, "num_experts_per_tok", where, 0, minimum=0),
-            norm_topk_prob=_bool(d, "norm_topk_prob", where, False),
+            norm_topk_prob=_bool(d, "norm_topk_prob", where, norm_topk_prob),
             rms_norm_eps=_positive_float(d, "rms_norm_eps", where, 1e-6), rope_theta=theta,
             mrope_section=_int_list(rope, "mrope_section", rope_where, (24, 20, 20), length=3),
             max_position_embeddings=_int(d, "max_position_embeddings", where, 32768),
@@ -216,7 +218,7 @@ class TalkerConfig:
                     for name in speaker_ids}
         codec = lambda key, default: _int(d, key, where, default, minimum=0)  # noqa: E731
         return cls(
-            text=MoeTextConfig.from_dict(text, _join(where, "text_config")),
+            text=MoeTextConfig.from_dict(text, _join(where, "text_config"), norm_topk_prob=False),
             code_predictor=MoeTextConfig.from_dict(predictor, _join(where, "code_predictor_config")),
             num_code_groups=_int(d, "num_code_groups", where, 16),
             accept_hidden_layer=_int(d, "accept_hidden_layer", where, 24, minimum=0),

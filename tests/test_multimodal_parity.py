@@ -208,10 +208,19 @@ def test_the_talker_lays_out_positions_with_its_own_config(reference_checkpoint)
     assert torch.equal(out.codes, codes)
 
 
-def test_a_config_without_the_time_scale_takes_the_class_default():
+def test_a_config_without_a_key_reads_as_transformers_reads_it():
+    # position_id_per_seconds (25 for thinker and talker, the release's 13) and norm_topk_prob (thinker True,
+    # talker False, the release's True): transformers' class defaults, what a config without them means to it
     from hf_checkpoints import omni_config_dict
+    from transformers import Qwen3OmniMoeConfig
+
     from omni_runtime.config import OmniConfig
     config = omni_config_dict()
     del config["thinker_config"]["position_id_per_seconds"], config["talker_config"]["position_id_per_seconds"]
-    parsed = OmniConfig.from_dict(config)
-    assert parsed.position_id_per_seconds == parsed.talker.position_id_per_seconds == 25   # transformers' default
+    for part in ("thinker_config", "talker_config"):
+        del config[part]["text_config"]["norm_topk_prob"]
+    ours, theirs = OmniConfig.from_dict(config), Qwen3OmniMoeConfig(**config)
+    assert ours.position_id_per_seconds == theirs.thinker_config.position_id_per_seconds == 25
+    assert ours.talker.position_id_per_seconds == theirs.talker_config.position_id_per_seconds == 25
+    assert ours.thinker_text.norm_topk_prob == theirs.thinker_config.text_config.norm_topk_prob is True
+    assert ours.talker.text.norm_topk_prob == theirs.talker_config.text_config.norm_topk_prob is False
