@@ -127,7 +127,9 @@ class OmniModel:
             with torch.device("meta"):
                 modules[name] = build()
             encoders = tuple(p for p in (AUDIO_PREFIX, VISION_PREFIX) if p != prefix)   # loaded on their own
-            load_weights(modules[name], files, prefix, dtype, device, exclude=encoders)
+            part = config.raw.get(prefix.rstrip(".") + "_config", {})
+            tied = getattr(modules[name], "tied_weights", {}) if part.get("tie_word_embeddings") is True else {}
+            load_weights(modules[name], files, prefix, dtype, device, exclude=encoders, tied=tied)
             modules[name].eval().requires_grad_(False)
         return cls(config, modules, device, dtype, max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN))
 

@@ -94,8 +94,12 @@ def load_weights(
     dtype: torch.dtype,
     device: torch.device,
     exclude: Iterable[str] = (),
+    tied: dict[str, str] | None = None,
 ) -> None:
     """Fill ``module`` (built on the meta device) with the tensors named ``prefix + <param name>``.
+
+    ``tied`` maps parameters to the ones they share (``tie_word_embeddings``: transformers does not save them, and
+    ties them whether saved or not).
 
     The module owns every tensor under ``prefix`` except those under the ``exclude`` prefixes (sub-components
     loaded on their own, e.g. the audio tower inside ``thinker.``). An owned tensor the module has no place for, a
@@ -135,6 +139,8 @@ def load_weights(
                     raise ValueError(f"{shard}: corrupt or unreadable safetensors file ({e})") from e
                 tensors[target.param][target.index].copy_(tensor)
                 loaded[target.param] += torch.Size(shape).numel()
+    for name, source in (tied or {}).items():
+        tensors[name], loaded[name] = tensors[source], expected[name]
     missing = [f"{prefix}{name}" for name, count in loaded.items() if count != expected[name]]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors (or parts of fused ones), "

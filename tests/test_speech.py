@@ -66,6 +66,25 @@ def test_greedy_speech_matches_reference(speech_checkpoint, model, thinker_token
     torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
 
 
+def test_tied_word_embeddings_load_and_speak_as_the_reference(tmp_path):
+    # tie_word_embeddings: transformers ties the thinker's lm_head to its token embedding and the talker's codec
+    # head to its codec embedding, and does not save either head
+    from hf_checkpoints import omni_config_dict, save_reference_checkpoint
+    from safetensors import safe_open
+    config = omni_config_dict()
+    config["thinker_config"]["tie_word_embeddings"] = config["talker_config"]["tie_word_embeddings"] = True
+    hf_model = save_reference_checkpoint(tmp_path, config)
+    with safe_open(str(next(tmp_path.glob("*.safetensors"))), "pt") as f:
+        assert not {"thinker.lm_head.weight", "talker.codec_head.weight"} & set(f.keys())
+    model = OmniModel.from_pretrained(tmp_path)
+    assert model.thinker.lm_head.weight.data_ptr() == model.thinker.model.embed_tokens.weight.data_ptr()
+    prompt = chat_prompt(0)
+    text, codes, wav = reference_speech(hf_model, prompt, 6, 8)
+    out = ours(model, prompt, 6, 8)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)
+
+
 def test_strong_repetition_penalty_matches_reference(speech_checkpoint, model):
     # The random model's greedy codes never repeat, so at 1.05 they do not depend on the codebook-0 history. A
     # penalty below 1 favours seen codes: the codes then follow the history (checked against no penalty), which

@@ -60,6 +60,7 @@ class CodePredictor(nn.Module):
 
 class Talker(nn.Module):
     checkpoint_prefix = "talker."
+    tied_weights = {"codec_head.weight": "model.codec_embedding.weight"}   # with talker_config.tie_word_embeddings
 
     def __init__(self, cfg: TalkerConfig):
         super().__init__()

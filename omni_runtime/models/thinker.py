@@ -43,6 +43,7 @@ class ThinkerTextModel(nn.Module):
 
 class Thinker(nn.Module):
     checkpoint_prefix = "thinker."
+    tied_weights = {"lm_head.weight": "model.embed_tokens.weight"}   # with thinker_config.tie_word_embeddings
 
     def __init__(self, cfg: MoeTextConfig):
         super().__init__()
