@@ -75,19 +75,25 @@ def test_multimodal_thinker_matches_reference(checkpoint, case, dtype):
     assert_logits_match(teacher_forced_logits(model, ids, expected, **floats), expected_logits, dtype, floor=2e-5)
 
 
+def assert_speech_matches_reference(hf_model, model, prompt: Prompt, thinker_tokens: int, talker_tokens: int,
+                                    compare_audio: bool = True, **reference_kwargs) -> None:
+    """Greedy speech from ``prompt`` and its random media (seed 1): our text and codes equal the reference's, the
+    waveform within WAVE_ATOL. ``reference_kwargs`` go to the reference's generate alone."""
+    media = media_inputs(prompt, seed=1)
+    ids = torch.tensor([prompt.ids])
+    text, codes, wav = reference_speech(hf_model, ids, thinker_tokens, talker_tokens, **media, **reference_kwargs)
+    out = model.generate(ids, max_new_tokens=thinker_tokens, eos_token_id=IM_END, return_audio=True,
+                         talker_max_new_tokens=talker_tokens, talker_sampling=GREEDY_TALKER, **media)
+    assert out.text_ids == text
+    assert torch.equal(out.codes, codes)
+    if compare_audio:
+        torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["audio", "image"])
 def test_speech_from_multimodal_prompt_matches_reference(checkpoint, case):
     folder, hf_model = checkpoint
-    model = OmniModel.from_pretrained(folder)
-    prompt = chat(CASES[case])
-    media = media_inputs(prompt, seed=1)
-    ids = torch.tensor([prompt.ids])
-    text, codes, wav = reference_speech(hf_model, ids, 6, 12, **media)
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
-                         talker_sampling=GREEDY_TALKER, **media)
-    assert out.text_ids == text
-    assert torch.equal(out.codes, codes)
-    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
+    assert_speech_matches_reference(hf_model, OmniModel.from_pretrained(folder), chat(CASES[case]), 6, 12)
 
 
 def test_placeholder_count_must_match_features(checkpoint):
@@ -157,15 +163,8 @@ def test_speech_when_the_talker_reads_the_last_hidden_state(reference_checkpoint
     # accept_hidden_layer == thinker layers: the reference's last hidden state is the final-norm one, not the last
     # layer's output, and the talker's audio rows read it
     folder, hf_model = reference_checkpoint(accept_hidden_layer=2)
-    model = OmniModel.from_pretrained(folder)
-    prompt = chat(CASES["audio"])
-    media = media_inputs(prompt, seed=1)
-    ids = torch.tensor([prompt.ids])
-    text, codes, wav = reference_speech(hf_model, ids, 4, 8, **media)
-    out = model.generate(ids, max_new_tokens=4, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=8,
-                         talker_sampling=GREEDY_TALKER, **media)
-    assert out.text_ids == text
-    assert torch.equal(out.codes, codes)
+    assert_speech_matches_reference(hf_model, OmniModel.from_pretrained(folder), chat(CASES["audio"]), 4, 8,
+                                    compare_audio=False)
 
 
 @pytest.mark.parametrize("case", ["two audios and an image", "video with its audio"])
@@ -174,22 +173,14 @@ def test_speech_from_mixed_media_matches_reference(checkpoint, case):
     # field the talker config lacks (any prompt with audio and an image or video fails), and its generate does not
     # pass ``use_audio_in_video`` on to the talker (which then lays the video's positions out as plain text).
     folder, hf_model = checkpoint
-    model = OmniModel.from_pretrained(folder)
     prompt = chat(CASES[case])
-    media = media_inputs(prompt, seed=1)
-    ids = torch.tensor([prompt.ids])
+    extra = {"talker_use_audio_in_video": True} if prompt.audio_in_video else {}
     talker_config = hf_model.talker.config
     talker_config.audio_config = hf_model.config.thinker_config.audio_config
     try:
-        extra = {"talker_use_audio_in_video": True} if prompt.audio_in_video else {}
-        text, codes, wav = reference_speech(hf_model, ids, 6, 12, **media, **extra)
+        assert_speech_matches_reference(hf_model, OmniModel.from_pretrained(folder), prompt, 6, 12, **extra)
     finally:
         del talker_config.audio_config
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=12,
-                         talker_sampling=GREEDY_TALKER, **media)
-    assert out.text_ids == text
-    assert torch.equal(out.codes, codes)
-    torch.testing.assert_close(out.audio, wav, atol=WAVE_ATOL, rtol=0)
 
 
 def test_the_talker_lays_out_positions_with_its_own_config(reference_checkpoint):
@@ -199,13 +190,7 @@ def test_the_talker_lays_out_positions_with_its_own_config(reference_checkpoint)
     model = OmniModel.from_pretrained(folder)
     assert (model.config.position_id_per_seconds, model.config.talker.position_id_per_seconds) == (13, 25)
     prompt = chat(lambda p: p.text(2).video((3, 4, 4), 2.0).text(3))
-    media = media_inputs(prompt, seed=1)
-    ids = torch.tensor([prompt.ids])
-    text, codes, wav = reference_speech(hf_model, ids, 4, 8, **media)
-    out = model.generate(ids, max_new_tokens=4, eos_token_id=IM_END, return_audio=True, talker_max_new_tokens=8,
-                         talker_sampling=GREEDY_TALKER, **media)
-    assert out.text_ids == text
-    assert torch.equal(out.codes, codes)
+    assert_speech_matches_reference(hf_model, model, prompt, 4, 8, compare_audio=False)
 
 
 def test_a_config_without_a_key_reads_as_transformers_reads_it():
