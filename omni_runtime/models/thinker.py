@@ -32,13 +32,13 @@ class ThinkerTextModel(nn.Module):
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             stacked = deepstack is not None and index < len(deepstack.features)
             x, h = layer(x, h, ctx, cache.layer(index), None if stacked else following)   # [B, T, H]
-            if index + 1 == capture_layer < len(self.layers):
+            if index + 1 == capture_layer:
                 captured = x
             if stacked:   # the next norm sees the stream with this layer's DeepStack features added
                 x = x.clone()
                 x[:, deepstack.mask] = x[:, deepstack.mask] + deepstack.features[index].to(x.dtype)
                 h = following(x)
-        return h, h if capture_layer == len(self.layers) else captured
+        return h, h if capture_layer == len(self.layers) else captured   # the last one: post-norm
 
 
 class Thinker(nn.Module):
