@@ -139,6 +139,8 @@ def generate(args: argparse.Namespace) -> None:
     speak = args.out is not None
     print(f"model: {folder}" + ("" if args.model else " (built-in random model: random tokens, noise for speech)"))
     if args.concurrency != 1:
+        if model.talker is None and not speak:   # a text-only checkpoint: N text answers at once
+            return answer_concurrently(model, args, inputs, sampling)
         return generate_concurrently(model, args, inputs, sampling)
     timer = StageTimer(model.device)
     start = time.perf_counter()
@@ -203,6 +205,21 @@ def generate_concurrently(model: OmniModel, args: argparse.Namespace, inputs: di
                  f"{1e3 * packets[-1]:.1f} ms; real-time factor {wall / max(seconds):.3f}; "
                  f"{sum(seconds) / wall:.2f} s of audio per second")
     print(line)
+
+
+def answer_concurrently(model: OmniModel, args: argparse.Namespace, inputs: dict, sampling: SamplingParams) -> None:
+    """``--concurrency N`` on a checkpoint without a talker: N text answers decoded together (``generate_batch``),
+    seeds ``seed + i``; prints each answer and the tokens made per second."""
+    count, decode = args.concurrency, model.decode if model.tokenizer else str
+    samplings = [replace(sampling, seed=None if args.seed is None else args.seed + i) for i in range(count)]
+    start = time.perf_counter()
+    outputs = model.generate_batch([inputs] * count, max_new_tokens=args.max_new_tokens, thinker_sampling=samplings,
+                                   max_batch=count)
+    wall = time.perf_counter() - start
+    tokens = [len(output.text_ids) for output in outputs]
+    for index, output in enumerate(outputs):
+        print(f"answer {index}: {decode(output.text_ids)}")
+    print(f"concurrency {count}: {1e3 * wall:.0f} ms in all; {sum(tokens)} tokens, {sum(tokens) / wall:.1f} tokens/s")
 
 
 def main(argv: list[str] | None = None) -> int:

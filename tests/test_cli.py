@@ -113,3 +113,21 @@ def test_help_documents_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "``" not in capsys.readouterr().out
+
+
+def test_text_only_checkpoint_answers_concurrently_and_refuses_out(tmp_path, capsys):
+    # no talker: --concurrency decodes the answers together as text (seeds seed + i, so answer 0 is the single
+    # answer); --out is refused as on one answer
+    from omni_runtime.demo import DEMO_CONFIG, write_random_checkpoint
+    text_only = {k: v for k, v in DEMO_CONFIG.items() if k not in ("talker_config", "code2wav_config")}
+    folder = write_random_checkpoint(tmp_path / "text-only", text_only)
+    args = ["generate", "--model", str(folder), "--ids", "151644,872,198,1000,151645", "--max-new-tokens", "3",
+            "--temperature", "0.8", "--seed", "5"]
+    assert main(args) == 0
+    single = [line for line in capsys.readouterr().out.splitlines() if line.startswith("answer: ")]
+    assert main(args + ["--concurrency", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"answer 0: {single[0].removeprefix('answer: ')}\n" in printed and "answer 1: " in printed
+    assert "concurrency 2:" in printed and "6 tokens" in printed
+    assert main(args + ["--concurrency", "2", "--out", str(tmp_path / "x.wav")]) == 2
+    assert "return_audio=True needs a checkpoint with a talker" in capsys.readouterr().err
