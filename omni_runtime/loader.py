@@ -24,9 +24,19 @@ _EXPERT_KEY = re.compile(
     r"^(?P<layer>.*\.mlp\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
+# Rotary inverse frequencies some exports save (transformers keeps them as non-persistent buffers, recomputed from
+# the config, and loads past them): not weights, so not tensors of the checkpoint.
+_DERIVED_BUFFER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
-    """Map every tensor name of the checkpoint in ``path`` to the safetensors file holding it."""
-    path = Path(path)
+    """Map every tensor name of the checkpoint in ``path`` to the safetensors file holding it (derived buffers
+    left out)."""
+    files = _tensor_files(Path(path))
+    return {name: shard for name, shard in files.items() if not _DERIVED_BUFFER.search(name)}
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     index = path / INDEX_FILE

@@ -83,6 +83,19 @@ def test_unknown_tensor(checkpoint_copy):
         OmniModel.from_pretrained(checkpoint_copy)
 
 
+def test_saved_rotary_inv_freq_is_skipped_as_transformers_skips_it(checkpoint_copy):
+    # some exports persist the rotary buffers; they are derived from the config, not weights. Garbage values show
+    # they are not read: the greedy answer is the untouched checkpoint's.
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+    prompt = [151644, 872, 198, 1000, 1001, 151645, 198, 151644, 77091, 198]
+    expected = OmniModel.from_pretrained(checkpoint_copy).generate(prompt, max_new_tokens=4).text_ids
+    stray = ("thinker.model.rotary_emb.inv_freq", "thinker.model.layers.0.self_attn.rotary_emb.inv_freq",
+             "talker.model.rotary_emb.inv_freq", "talker.code_predictor.model.rotary_emb.inv_freq")
+    rewrite_single_file(checkpoint_copy, lambda t: t.update({key: torch.full((8,), 7.0) for key in stray}))
+    Qwen3OmniMoeForConditionalGeneration.from_pretrained(checkpoint_copy)   # transformers loads past them too
+    assert OmniModel.from_pretrained(checkpoint_copy).generate(prompt, max_new_tokens=4).text_ids == expected
+
+
 def test_missing_expert(checkpoint_copy):
     key = "thinker.model.layers.0.mlp.experts.3.up_proj.weight"
     rewrite_single_file(checkpoint_copy, lambda t: t.pop(key))
