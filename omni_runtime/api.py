@@ -498,7 +498,8 @@ class OmniModel:
 
     def _require_talker(self) -> None:
         if self.talker is None:
-            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none")
+            raise ValueError("return_audio=True needs a checkpoint with a talker and Code2Wav; this one has none "
+                             "(enable_audio_output is false, or it holds no talker.* and code2wav.* tensors)")
 
     def _speech_options(self, speaker, talker_max_new_tokens, talker_sampling, predictor_sampling,
                         first_chunk_frames, chunk_frames) -> SpeechOptions:
@@ -620,7 +621,10 @@ def _components(config: OmniConfig, files: dict, encoders: bool | None = None) -
     if "vision_config" in thinker_raw and has(VISION_PREFIX):
         parts.append(("vision_encoder", VISION_PREFIX,
                       lambda: VisionEncoder(VisionEncoderConfig.from_dict(thinker_raw["vision_config"]))))
-    if config.talker is not None:
+    # A checkpoint without a single talker or Code2Wav tensor is text-only whatever its config says (a config may
+    # keep talker_config after the speech weights were stripped); one with some of them fails on the missing ones.
+    speaks = encoders is not None or any(key.startswith(("talker.", "code2wav.")) for key in files)
+    if config.talker is not None and speaks:
         parts.append(("talker", Talker.checkpoint_prefix, lambda: Talker(config.talker)))
         parts.append(("code2wav", "code2wav.",
                       lambda: Code2Wav(Code2WavConfig.from_dict(config.raw.get("code2wav_config", {})))))

@@ -96,6 +96,24 @@ def test_saved_rotary_inv_freq_is_skipped_as_transformers_skips_it(checkpoint_co
     assert OmniModel.from_pretrained(checkpoint_copy).generate(prompt, max_new_tokens=4).text_ids == expected
 
 
+def test_checkpoint_without_speech_tensors_loads_text_only(checkpoint_copy):
+    # the config still has talker_config and enable_audio_output; no talker.*/code2wav.* tensors -> text-only
+    prompt = [151644, 872, 198, 1000, 1001, 151645, 198, 151644, 77091, 198]
+    expected = OmniModel.from_pretrained(checkpoint_copy).generate(prompt, max_new_tokens=4).text_ids
+    rewrite_single_file(checkpoint_copy, lambda t: [t.pop(key) for key in list(t)
+                                                    if key.startswith(("talker.", "code2wav."))])
+    model = OmniModel.from_pretrained(checkpoint_copy)
+    assert model.talker is None and model.generate(prompt, max_new_tokens=4).text_ids == expected
+    with pytest.raises(ValueError, match="holds no talker.* and code2wav.* tensors"):
+        model.generate(prompt, max_new_tokens=2, return_audio=True)
+
+
+def test_checkpoint_with_part_of_the_speech_tensors_is_refused(checkpoint_copy):
+    rewrite_single_file(checkpoint_copy, lambda t: [t.pop(key) for key in list(t) if key.startswith("code2wav.")])
+    with pytest.raises(ValueError, match="lacks .* tensors.*code2wav"):
+        OmniModel.from_pretrained(checkpoint_copy)
+
+
 def test_missing_expert(checkpoint_copy):
     key = "thinker.model.layers.0.mlp.experts.3.up_proj.weight"
     rewrite_single_file(checkpoint_copy, lambda t: t.pop(key))
