@@ -54,14 +54,27 @@ def weight_bytes_per_frame(model: OmniModel) -> dict[str, int]:
 
 
 def whole_frames(runner, frame_embed: torch.Tensor, device: torch.device, frames: int) -> dict[str, float]:
-    """Median ms of ``runner.frame`` with greedy and with the product's sampling (see omni_runtime.api)."""
+    """Median ms of ``runner.frame`` with greedy and with the product's sampling (see omni_runtime.api), the latter
+    also with the fused draw kernel forced (opt-in: omni_kernels/fused_sampling.py; a frame graph of its own)."""
     from omni_runtime.api import DEFAULT_PREDICTOR_SAMPLING, DEFAULT_TALKER_SAMPLING
     greedy = SamplingParams(temperature=0.0, repetition_penalty=1.05)
-    settings = {"greedy": (greedy, SamplingParams(temperature=0.0)),
-                "sampled": (DEFAULT_TALKER_SAMPLING, DEFAULT_PREDICTOR_SAMPLING)}
+    sampled = (DEFAULT_TALKER_SAMPLING, DEFAULT_PREDICTOR_SAMPLING)
+    settings = {"greedy": (greedy, SamplingParams(temperature=0.0), None), "sampled": (*sampled, None),
+                "sampled, fused draw": (*sampled, "triton")}
     text_row = torch.zeros_like(frame_embed)
     result = {}
-    for name, (talker_params, predictor_params) in settings.items():
+    for name, (talker_params, predictor_params, draw_backend) in settings.items():
+        if draw_backend is not None and device.type != "cuda":
+            continue   # Triton on a CPU is the interpreter
+        runner.frame_graphs.clear()   # captured with the draw kernels selected at capture
+        result[name] = _frame_ms(runner, frame_embed, text_row, talker_params, predictor_params, draw_backend,
+                                 device, frames)
+    return result
+
+
+def _frame_ms(runner, frame_embed, text_row, talker_params, predictor_params, draw_backend, device, frames) -> float:
+    import omni_kernels as ok
+    with ok.use_backend(draw_backend, op="sample_draw"):
         talker = Sampler(talker_params, device, runner.code0_suppress)
         predictor = Sampler(predictor_params, device)
         runner.begin_answer(talker, predictor)
@@ -73,8 +86,7 @@ def whole_frames(runner, frame_embed: torch.Tensor, device: torch.device, frames
         for _ in range(3):   # the first call captures the graph
             step()
         times = [timed(step, device) for _ in range(frames)]
-        result[name] = 1e3 * sorted(times)[len(times) // 2]
-    return result
+    return 1e3 * sorted(times)[len(times) // 2]
 
 
 def main():

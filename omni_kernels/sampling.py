@@ -46,7 +46,7 @@ def sample_ref(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: 
     """logits: [B, V] fp32 -> tokens [B] int64. top_k 0 and top_p 1.0 are off."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(warped_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 def sample_rows_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -56,11 +56,12 @@ def sample_rows_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     alone from its generator (a batch of concurrent streams, one seed each)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = _probs(logits, temperature, top_k, top_p)
+    probs = warped_probs(logits, temperature, top_k, top_p)
     return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g).view(1) for i, g in enumerate(generators)])
 
 
-def _probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution a draw samples from: temperature, top-k, top-p, softmax."""
     logits = logits / temperature
     if top_k:
         logits = apply_top_k(logits, top_k)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from omni_kernels.sampling import (apply_repetition_penalty, apply_repetition_penalty_seen, apply_top_k, apply_top_p,
-                                   sample_ref, sample_rows_ref)
+from omni_kernels.fused_sampling import sample_draw
+from omni_kernels.sampling import apply_repetition_penalty, apply_repetition_penalty_seen, apply_top_k, apply_top_p
 
 __all__ = ["Sampler", "SamplingParams", "apply_repetition_penalty", "apply_repetition_penalty_seen", "apply_top_k",
            "apply_top_p"]
@@ -76,22 +76,17 @@ class Sampler:
                  seen: torch.Tensor | None = None) -> torch.Tensor:
         """logits: [B, V] fp32, history: [B, N] token ids seen so far, or ``seen``: the same as a [B, V] bool mask
         (graph-safe) -> next tokens [B] int64."""
-        p = self.params
-        return sample_ref(self._penalised(logits, history, seen), p.temperature, p.top_k, p.top_p, self.generator)
+        return self._draw(logits, [self.generator], history, seen)
 
     def draw_rows(self, logits: torch.Tensor, generators: list[torch.Generator | None],
                   seen: torch.Tensor | None = None) -> torch.Tensor:
         """This sampler's setting over the rows of ``logits`` [B, V], row i drawing from ``generators[i]`` (each row
         a stream of its own: the tokens each would draw alone) -> [B]."""
-        p = self.params
-        return sample_rows_ref(self._penalised(logits, None, seen), p.temperature, p.top_k, p.top_p, generators)
+        return self._draw(logits, generators, None, seen)
 
-    def _penalised(self, logits, history, seen) -> torch.Tensor:
+    def _draw(self, logits, generators, history, seen) -> torch.Tensor:
         p = self.params
-        if p.repetition_penalty != 1.0 and seen is not None:
-            logits = apply_repetition_penalty_seen(logits, seen, p.repetition_penalty)
-        elif p.repetition_penalty != 1.0 and history is not None and history.numel():
+        if p.repetition_penalty != 1.0 and seen is None and history is not None and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
-        if self.suppress is not None:
-            logits = logits.masked_fill(self.suppress, float("-inf"))
-        return logits
+        return sample_draw(logits, p.temperature, p.top_k, p.top_p, generators, seen, p.repetition_penalty,
+                           self.suppress)
