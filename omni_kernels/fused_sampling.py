@@ -36,10 +36,7 @@ def sample_draw_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     """The draw ``Sampler`` makes, op by op as the reference's logits processors: the penalty on the ``seen`` [B, V]
     mask, the ``suppress`` [V] tokens, then ``sample_ref`` with one generator for every row (``generators`` of one)
     or ``sample_rows_ref`` with one per row -> tokens [B] int64."""
-    if seen is not None and penalty != 1.0:
-        logits = apply_repetition_penalty_seen(logits, seen, penalty)
-    if suppress is not None:
-        logits = logits.masked_fill(suppress, float("-inf"))
+    logits = penalised_logits(logits, seen, penalty, suppress)
     if len(generators) == 1:
         return sample_ref(logits, temperature, top_k, top_p, generators[0])
     return sample_rows_ref(logits, temperature, top_k, top_p, generators)
@@ -49,12 +46,16 @@ def sample_with_noise_ref(logits: torch.Tensor, temperature: float, top_k: int, 
                           seen: torch.Tensor | None = None, penalty: float = 1.0,
                           suppress: torch.Tensor | None = None) -> torch.Tensor:
     """The fused draw's spec with the race's noise given: logits [B, V], noise [B, V] ~ Exp(1) -> tokens [B]."""
-    logits = logits.float()
+    logits = penalised_logits(logits.float(), seen, penalty, suppress)
+    return (warped_probs(logits, temperature, top_k, top_p) / noise).argmax(dim=-1)
+
+
+def penalised_logits(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float,
+                     suppress: torch.Tensor | None) -> torch.Tensor:
+    """The processors in front of the warpers: the penalty on the ``seen`` [B, V] tokens, ``suppress`` [V] to -inf."""
     if seen is not None and penalty != 1.0:
         logits = apply_repetition_penalty_seen(logits, seen, penalty)
-    if suppress is not None:
-        logits = logits.masked_fill(suppress, float("-inf"))
-    return (warped_probs(logits, temperature, top_k, top_p) / noise).argmax(dim=-1)
+    return logits if suppress is None else logits.masked_fill(suppress, float("-inf"))
 
 
 @triton.jit

@@ -11,8 +11,8 @@ import torch
 
 import omni_kernels as ok
 from omni_kernels._triton import HAS_TRITON, triton_runs
-from omni_kernels.fused_sampling import MAX_FUSED_VOCAB, fused_sample, sample_with_noise_ref
-from omni_kernels.sampling import apply_repetition_penalty_seen, warped_probs
+from omni_kernels.fused_sampling import MAX_FUSED_VOCAB, fused_sample, penalised_logits, sample_with_noise_ref
+from omni_kernels.sampling import warped_probs
 from omni_runtime.sampling import Sampler, SamplingParams
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -30,19 +30,14 @@ def make_logits(batch, vocab, dtype, layout, seed):
     return logits[:, 3:]                # row stride vocab + 3
 
 
-def check_same_draw(ours, logits, temperature, top_k, top_p, noise, **masks):
+def check_same_draw(ours, logits, temperature, top_k, top_p, noise, seen=None, penalty=1.0, suppress=None):
     """Our tokens are the reference's, or (rounding) a token whose race value is the reference's best to 1e-5."""
-    expected = sample_with_noise_ref(logits, temperature, top_k, top_p, noise, **masks)
-    race = warped_probs(_penalised(logits.float(), **masks), temperature, top_k, top_p) / noise
+    expected = sample_with_noise_ref(logits, temperature, top_k, top_p, noise, seen, penalty, suppress)
+    masked = penalised_logits(logits.float(), seen, penalty, suppress)
+    race = warped_probs(masked, temperature, top_k, top_p) / noise
     best = race.gather(1, expected[:, None])
     assert (race.gather(1, ours[:, None]) >= best * (1 - 1e-5)).all() and (race.gather(1, ours[:, None]) > 0).all()
     assert (ours == expected).float().mean() >= 0.5   # rounding ties are rare, not the rule
-
-
-def _penalised(logits, seen=None, penalty=1.0, suppress=None):
-    if seen is not None and penalty != 1.0:
-        logits = apply_repetition_penalty_seen(logits, seen, penalty)
-    return logits if suppress is None else logits.masked_fill(suppress, float("-inf"))
 
 
 @needs_triton
