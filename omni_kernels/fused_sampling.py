@@ -1,9 +1,10 @@
 """One sampled draw in one kernel: repetition penalty (a seen mask), suppressed tokens, temperature, top-k, top-p and
 the draw, per row, for vocabularies up to ``MAX_FUSED_VOCAB`` (the talker's 3072 codes, the predictor's 2048).
 
-``Sampler`` runs the reference's logits processors op by op (``omni_kernels.sampling``): about a dozen launches a
-draw, and a sampled talker frame draws 16 times (codebook 0, then 15 predictor steps), ~190 launches of a few
-microseconds each inside the frame's graph, against one launch here (plus the key draw).
+``Sampler`` runs the reference's logits processors op by op (``omni_kernels.sampling``): 12 ATen ops a talker draw
+and 13 a predictor draw (counted on CPU; multinomial and sort are several kernels each on CUDA), and a sampled talker
+frame draws 16 times (codebook 0, then 15 predictor steps), ~200 launches of a few microseconds each inside the
+frame's graph, against two a draw here (the key draw and the kernel).
 
 The draw is the exponential race torch.multinomial(probs, 1) runs: argmax(probs / q) with q ~ Exp(1) per token,
 which picks token i with probability probs[i]. q comes from Philox (``tl.rand``) keyed by one 64-bit key per row
@@ -23,7 +24,7 @@ import torch
 
 from omni_kernels._triton import tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
-from omni_kernels.sampling import apply_repetition_penalty_seen, sample_ref, sample_rows_ref, warped_probs
+from omni_kernels.sampling import penalised_logits, sample_ref, sample_rows_ref, warped_probs
 
 # One program holds its row in registers: on sm_90, 8192 fp32 over 16 warps take 107 registers a thread, no spills;
 # 16384 spills even over 32 warps (compiled with triton 3.7, cuobjdump --dump-resource-usage).
@@ -48,14 +49,6 @@ def sample_with_noise_ref(logits: torch.Tensor, temperature: float, top_k: int, 
     """The fused draw's spec with the race's noise given: logits [B, V], noise [B, V] ~ Exp(1) -> tokens [B]."""
     logits = penalised_logits(logits.float(), seen, penalty, suppress)
     return (warped_probs(logits, temperature, top_k, top_p) / noise).argmax(dim=-1)
-
-
-def penalised_logits(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float,
-                     suppress: torch.Tensor | None) -> torch.Tensor:
-    """The processors in front of the warpers: the penalty on the ``seen`` [B, V] tokens, ``suppress`` [V] to -inf."""
-    if seen is not None and penalty != 1.0:
-        logits = apply_repetition_penalty_seen(logits, seen, penalty)
-    return logits if suppress is None else logits.masked_fill(suppress, float("-inf"))
 
 
 @triton.jit

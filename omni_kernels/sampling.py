@@ -25,6 +25,14 @@ def apply_repetition_penalty_seen(logits: torch.Tensor, seen: torch.Tensor, pena
     return torch.where(seen, penalized, logits)
 
 
+def penalised_logits(logits: torch.Tensor, seen: torch.Tensor | None, penalty: float,
+                     suppress: torch.Tensor | None) -> torch.Tensor:
+    """The processors in front of the warpers: the penalty on the ``seen`` [B, V] tokens, ``suppress`` [V] to -inf."""
+    if seen is not None and penalty != 1.0:
+        logits = apply_repetition_penalty_seen(logits, seen, penalty)
+    return logits if suppress is None else logits.masked_fill(suppress, float("-inf"))
+
+
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     k = min(k, logits.shape[-1])
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]

@@ -1,9 +1,6 @@
 """The fused sampling kernel (the interpreter on CPU) against the reference warpers: the same token for the same race
 noise, the reference's kept set at the top-k/top-p boundaries, Philox draws of the right distribution, and the
 Sampler with the kernel forced."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,9 +8,10 @@ import torch
 
 import omni_kernels as ok
 from omni_kernels._triton import HAS_TRITON, triton_runs
-from omni_kernels.fused_sampling import MAX_FUSED_VOCAB, fused_sample, penalised_logits, sample_with_noise_ref
-from omni_kernels.sampling import warped_probs
+from omni_kernels.fused_sampling import MAX_FUSED_VOCAB, fused_sample, sample_with_noise_ref
+from omni_kernels.sampling import penalised_logits, warped_probs
 from omni_runtime.sampling import Sampler, SamplingParams
+from aot_compile import compile_script_lines
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not (HAS_TRITON and triton_runs(DEVICE)), reason="needs triton")
@@ -205,17 +203,8 @@ AOT_SCRIPT = textwrap.dedent("""
 
 
 def test_kernel_compiles_for_ampere_and_hopper_without_spills():
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if result.returncode == 3:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert len(lines) == 8 and all(line.endswith("STACK:0") for line in lines), result.stdout
+    lines = compile_script_lines(AOT_SCRIPT)
+    assert len(lines) == 8 and all(line.endswith("STACK:0") for line in lines), lines
 
 
 @needs_triton

@@ -6,9 +6,6 @@ equal probabilities arbitrarily (differently on CPU and GPU) while the kernel ta
 ties are common. The tie rule itself is tested on the routing kernel alone.
 """
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,6 +15,7 @@ import torch.nn.functional as F
 import omni_kernels as ok
 from omni_kernels import moe
 from omni_kernels._triton import HAS_TRITON, triton_runs
+from aot_compile import compile_script_lines
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and triton_runs(DEVICE)), reason="needs triton (GPU or interpreter)")
@@ -312,18 +310,8 @@ AOT_SCRIPT = textwrap.dedent("""
 def test_kernels_compile_for_hopper_without_spills():
     """Compile every kernel for sm_90 with the default configs for an H100 (ptxas ships with triton; no GPU
     needed): no spills, and shared memory within the device's and within gemm_shared_memory's estimate."""
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("this triton wheel ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if result.returncode == 3:
-        pytest.skip("this triton has no ahead-of-time compile API")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert len(lines) == 14 and all(line.endswith("STACK:0") for line in lines), result.stdout
+    lines = compile_script_lines(AOT_SCRIPT)
+    assert len(lines) == 14 and all(line.endswith("STACK:0") for line in lines), lines
 
 
 def test_thinker_with_triton_moe_matches_reference(reference_checkpoint):
