@@ -57,7 +57,7 @@ step() {  # step NAME SECONDS [MIN_SECONDS] COMMAND...: runs COMMAND with a limi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$logs/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" | tee -a "$logs/gpu.txt"
-for module in soundfile soxr tokenizers PIL; do   # what the tests import; a missing one skips those tests
+for module in nvtx soundfile soxr tokenizers PIL; do   # what the runtime and tests import
   python3 -c "import $module" 2>/dev/null || echo "missing: $module (bench/fetch_wheels.sh, carry .whl)" | tee -a "$logs/gpu.txt"
 done
 

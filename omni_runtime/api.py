@@ -28,6 +28,7 @@ from omni_runtime.models.thinker import Thinker
 from omni_runtime.models.vision_encoder import VisionEncoder, VisionEncoderConfig
 from omni_runtime.multimodal import MediaInputs, PromptInputs, build_prompt, check_media, media_token_count
 from omni_runtime.preprocess.vision import preprocessor_kwargs
+from omni_runtime.profiling import stage_range
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, SpeechOptions, SpeechSession,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows, text_event)
@@ -156,9 +157,10 @@ class OmniModel:
         positions a second, whatever the config's rope layout uses). Text parts need the checkpoint's
         tokenizer.json."""
         merge = self.vision_encoder.cfg.spatial_merge_size if self.vision_encoder is not None else 2
-        return prepare_inputs(messages, self.tokenizer, self.config.tokens, spatial_merge_size=merge,
-                              image_kwargs=self.image_kwargs, use_audio_in_video=use_audio_in_video,
-                              device=self.device)
+        with stage_range("preprocess"):
+            return prepare_inputs(messages, self.tokenizer, self.config.tokens, spatial_merge_size=merge,
+                                  image_kwargs=self.image_kwargs, use_audio_in_video=use_audio_in_video,
+                                  device=self.device)
 
     def decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer else None

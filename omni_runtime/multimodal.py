@@ -16,6 +16,7 @@ from omni_runtime.config import OmniConfig, SpecialTokens
 from omni_runtime.engine.talker_prompt import user_positions
 from omni_runtime.models.audio_encoder import audio_token_count
 from omni_runtime.positions import AUDIO_IN_VIDEO, IMAGE, VIDEO, prompt_segments, rope_positions
+from omni_runtime.profiling import stage_range
 
 
 @dataclass
@@ -152,11 +153,13 @@ def build_prompt(ids: torch.Tensor, media: MediaInputs, config: OmniConfig, embe
     tokens = config.tokens
     embeds = embed_tokens(ids.view(1, -1))
     if media.has_audio:
-        audio = audio_features(media, _audio_encoder(audio_encoder))
+        with stage_range("audio encoder"):
+            audio = audio_features(media, _audio_encoder(audio_encoder))
         _scatter(embeds, ids == tokens.audio, audio, "audio")
     visual_masks, deepstacks = [], []
     for pixels, grid, token, what in _visual_inputs(media, tokens, vision_encoder):
-        visual, deepstack = vision_encoder(pixels, grid)
+        with stage_range(f"vision encoder ({what})"):
+            visual, deepstack = vision_encoder(pixels, grid)
         _scatter(embeds, ids == token, visual, what)
         visual_masks.append(ids == token)
         deepstacks.append(deepstack)

@@ -19,6 +19,7 @@ import torch
 from omni_runtime.engine.talker_prompt import (ASSISTANT_TEXT_ROWS, TextConditioner, assistant_start,
                                                talker_prefill_embeds)
 from omni_runtime.multimodal import MediaInputs, PromptInputs, talker_positions
+from omni_runtime.profiling import stage_range
 from omni_runtime.sampling import Sampler
 
 
@@ -39,8 +40,9 @@ class StreamEvent:
 
 
 class StageTimer:
-    """Wall time and call count per pipeline stage; on a GPU it synchronises around each stage, so it is for
-    measurement runs only (``profile=True``)."""
+    """Wall time and call count per pipeline stage, each stage an NVTX range too (``profiling.py``). Given a GPU
+    device it synchronises around each stage, so that is for measurement runs only; without one it only reads
+    the clock."""
 
     def __init__(self, device: torch.device | None = None):
         self.sync = device is not None and device.type == "cuda"
@@ -52,9 +54,10 @@ class StageTimer:
         if self.sync:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        yield
-        if self.sync:
-            torch.cuda.synchronize()
+        with stage_range(stage):
+            yield
+            if self.sync:
+                torch.cuda.synchronize()
         self.seconds[stage] += time.perf_counter() - start
         self.calls[stage] += 1
 

@@ -54,6 +54,7 @@ from omni_runtime.multimodal import MediaInputs, talker_positions
 from omni_runtime.pipeline import (SAMPLE_RATE, ChunkedPrefill, IncrementalText, PacketSchedule, SpeechOptions,
                                    StageTimer, StreamEvent, ThinkerStream, advance_prefills, start_thinker_rows,
                                    step_thinker_rows, text_event)
+from omni_runtime.profiling import stage_range
 from omni_runtime.sampling import Sampler
 
 
@@ -152,6 +153,17 @@ class SpeechEngine:
         """One tick -> the (request id, event) pairs it made final, each request's in order. The event of an
         answer's last text token carries its finish reason."""
         self._hold()
+        with stage_range("engine tick"):
+            self._tick()
+        out = []
+        for answer in list(self.live):
+            out += [(answer.index, event) for event in answer.events]
+            answer.events.clear()
+            if answer.speech_done and answer.thinker is not None and answer.thinker.finished:
+                self._drop(answer)
+        return out
+
+    def _tick(self) -> None:
         clock = self.pacer.clock
         start = clock()
         slacks = [s for s in (a.slack(start) for a in self.live) if s is not None]
@@ -172,13 +184,6 @@ class SpeechEngine:
         # A long prompt waited if no chunk of it ran, even when short prompts prefilled whole in this tick.
         waited = not self.chunk_advanced and any(a.prefill is not None for a in self.live)
         self.pacer.record_tick(clock() - start - self.prefill_seconds, waited)
-        out = []
-        for answer in list(self.live):
-            out += [(answer.index, event) for event in answer.events]
-            answer.events.clear()
-            if answer.speech_done and answer.thinker is not None and answer.thinker.finished:
-                self._drop(answer)
-        return out
 
     def events(self) -> Iterator[tuple[int, StreamEvent]]:
         """Ticks until every request is done, yielding what each makes final; stopping early frees every row."""

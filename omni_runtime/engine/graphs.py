@@ -8,6 +8,7 @@ per talker runner, a frame costs one graph launch instead of ~15 x 150 kernel la
 need no random state. Sampled frames draw from a generator registered with the graph: each replay then advances it
 by what the captured draws consumed, as eager draws would, so a seed gives the same codes either way (checked once
 after capture; a mismatch or a capture error leaves the frame eager). CPU runs take the eager path, the same code.
+Each capture, with its warm-up and its check, is an NVTX range ("capture ...").
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import omni_kernels as ok
 from omni_runtime.engine.decoder_state import DecoderState
 from omni_runtime.layers import StepContext
+from omni_runtime.profiling import stage_range
 
 
 class CodePredictorGraph:
@@ -41,7 +43,8 @@ class CodePredictorGraph:
         self.hidden.copy_(hidden)
         self.code0.copy_(code0)
         if self.graph is None:
-            self._capture()
+            with stage_range("capture code predictor frame"):
+                self._capture()
             if self.failed:
                 return self.frame(hidden, code0)
         self.graph.replay()
@@ -134,7 +137,8 @@ class DecodeStepGraph:
         if not self.capture:
             return self._run()
         if self.graph is None:
-            self._capture()
+            with stage_range("capture decode step"):
+                self._capture()
             if self.graph is None:
                 return self._run()
         self.graph.replay()
@@ -239,7 +243,8 @@ class Code2WavChunkGraph:
         for buffer, x in zip(self.inputs, inputs, strict=True):
             buffer.copy_(x)
         if self.graph is None:
-            self._capture()
+            with stage_range("capture code2wav push"):
+                self._capture()
             if self.graph is None:
                 return self.push(*inputs)
         self.graph.replay()
