@@ -25,7 +25,12 @@ def parse_args():
     p = speech_parser(__doc__)
     p.add_argument("--prompt-tokens", type=int, default=3900)
     p.add_argument("--train-chunks", type=int, default=5)
-    return p.parse_args()
+    args = p.parse_args()
+    trained = sum(CHUNKS[:args.train_chunks])
+    if not 1 <= args.train_chunks < len(CHUNKS) or args.prompt_tokens <= trained:
+        p.error(f"--train-chunks {args.train_chunks} must lie in [1, {len(CHUNKS) - 1}] and --prompt-tokens exceed "
+                f"the {trained} tokens its chunks prefill (the later chunks are what the fit predicts)")
+    return args
 
 
 class ScriptedChunks(PrefillPacer):
