@@ -7,12 +7,14 @@ Random weights (the released sizes with ``--full-size``; the thinker is cut to 2
 a short talker prefill, then greedy frames stage by stage (talker step, then predictor frame; each a captured CUDA
 graph on a GPU): per-stage milliseconds, the bandwidth floor of each stage (weights it must read / ``--peak-gbs``)
 and the ops or kernels that take the most time. Then whole frames as the pipeline runs them (``TalkerRunner.frame``:
-one graph for step, codebook-0 draw and predictor), greedy and with the product's sampling.
+one graph for step, codebook-0 draw and predictor), greedy and with the product's sampling, and on a GPU again with
+each opt-in kernel the frame can run forced (``frame_variants``), which says whether each should be the default.
 Writes bench/results/talker_frame[_full]_<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 
 import torch
@@ -53,28 +55,44 @@ def weight_bytes_per_frame(model: OmniModel) -> dict[str, int]:
     return {"talker decode": talker_step, "code predictor": steps * (layers + head.numel() * head.element_size())}
 
 
+# Opt-in kernels a frame can run (omni_kernels' dispatch selects them only when forced), timed at their use site:
+# each variant is a frame graph of its own, captured with these backends forced.
+OPT_IN = {"Triton add_rms_norm": {"add_rms_norm": "triton"}, "Triton silu_mul": {"silu_mul": "triton"},
+          "CUDA fused_moe": {"fused_moe": "cuda"}}
+FUSED_DRAW = {"sample_draw": "triton"}
+
+
+def frame_variants() -> dict[str, tuple[str, dict[str, str]]]:
+    """name -> (sampling, {op: forced backend}): the defaults greedy and sampled, each opt-in kernel alone, the
+    fused draw (sampled frames only), and all of them."""
+    every = {op: b for forced in (*OPT_IN.values(), FUSED_DRAW) for op, b in forced.items()}
+    return {"greedy": ("greedy", {}), **{f"greedy, {k}": ("greedy", v) for k, v in OPT_IN.items()},
+            "sampled": ("sampled", {}), "sampled, fused draw": ("sampled", FUSED_DRAW),
+            "sampled, all opt-in kernels": ("sampled", every)}
+
+
 def whole_frames(runner, frame_embed: torch.Tensor, device: torch.device, frames: int) -> dict[str, float]:
-    """Median ms of ``runner.frame`` with greedy and with the product's sampling (see omni_runtime.api), the latter
-    also with the fused draw kernel forced (opt-in: omni_kernels/fused_sampling.py; a frame graph of its own)."""
+    """Median ms of ``runner.frame`` per variant (``frame_variants``; the product's sampling from omni_runtime.api).
+    Variants that force a backend run on a GPU only (Triton on a CPU is the interpreter)."""
     from omni_runtime.api import DEFAULT_PREDICTOR_SAMPLING, DEFAULT_TALKER_SAMPLING
-    greedy = SamplingParams(temperature=0.0, repetition_penalty=1.05)
-    sampled = (DEFAULT_TALKER_SAMPLING, DEFAULT_PREDICTOR_SAMPLING)
-    settings = {"greedy": (greedy, SamplingParams(temperature=0.0), None), "sampled": (*sampled, None),
-                "sampled, fused draw": (*sampled, "triton")}
+    sampling = {"greedy": (SamplingParams(temperature=0.0, repetition_penalty=1.05), SamplingParams(temperature=0.0)),
+                "sampled": (DEFAULT_TALKER_SAMPLING, DEFAULT_PREDICTOR_SAMPLING)}
     text_row = torch.zeros_like(frame_embed)
     result = {}
-    for name, (talker_params, predictor_params, draw_backend) in settings.items():
-        if draw_backend is not None and device.type != "cuda":
-            continue   # Triton on a CPU is the interpreter
-        runner.frame_graphs.clear()   # captured with the draw kernels selected at capture
-        result[name] = _frame_ms(runner, frame_embed, text_row, talker_params, predictor_params, draw_backend,
-                                 device, frames)
+    for name, (setting, forced) in frame_variants().items():
+        if forced and device.type != "cuda":
+            continue
+        runner.frame_graphs.clear()   # captured with the kernels selected at capture
+        result[name] = _frame_ms(runner, frame_embed, text_row, *sampling[setting], forced, device, frames)
+    runner.frame_graphs.clear()
     return result
 
 
-def _frame_ms(runner, frame_embed, text_row, talker_params, predictor_params, draw_backend, device, frames) -> float:
+def _frame_ms(runner, frame_embed, text_row, talker_params, predictor_params, forced, device, frames) -> float:
     import omni_kernels as ok
-    with ok.use_backend(draw_backend, op="sample_draw"):
+    with contextlib.ExitStack() as backends:
+        for op, backend in forced.items():
+            backends.enter_context(ok.use_backend(backend, op=op))
         talker = Sampler(talker_params, device, runner.code0_suppress)
         predictor = Sampler(predictor_params, device)
         runner.begin_answer(talker, predictor)
@@ -145,8 +163,11 @@ def main():
     total = sum(r["ms"] for r in rows)
     floor_total = sum(r["floor_ms"] for r in rows)
     print(f"{'frame':16s} {total:9.3f} {floor_total:9.3f} {total / floor_total:8.1f}")
+    print(f"\n{'whole frame (one graph)':36s} {'ms/frame':>9s} {'x floor':>8s} {'against the default':>20s}")
     for name, ms in whole.items():
-        print(f"{'whole, ' + name:16s} {ms:9.3f} {floor_total:9.3f} {ms / floor_total:8.1f}")
+        default = "sampled" if name.startswith("sampled") else "greedy"
+        change = f"{100 * (ms / whole[default] - 1):+19.1f}%" if name != default else ""
+        print(f"{name:36s} {ms:9.3f} {ms / floor_total:8.1f} {change}")
 
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     # kernels a frame launches: at decode each costs a few microseconds of launch and tail, whatever it computes
