@@ -181,9 +181,10 @@ def snake_beta(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torc
 # and adjacent inputs): CUDA allows 2^31 - 1 programs there but 65535 on axes 1 and 2, which long audio's length
 # blocks alone pass (65535 x 64 = 4.2M samples). Element offsets are int64: one tensor's C x L passes 2^31 (96
 # channels x 22.4M samples).
-# Rounding: conv1d accumulates in fp32 and rounds once after the bias, like torch's CPU conv (oneDNN) for every dtype.
-# torch's CPU transposed conv in fp16/bf16 rounds each tap's GEMM to the dtype, adds the overlapping taps and then
-# the bias in the dtype (im2col GEMM + col2im); the kernel repeats that (ROUND_TAPS). The fused SnakeBeta repeats
+# Rounding: both convs accumulate in fp32 over every tap and channel and round once after the bias, as oneDNN (torch's
+# CPU conv wherever the CPU has bf16 instructions) and cuDNN do. torch's fallback CPU transposed conv (im2col GEMM +
+# col2im, on CPUs without them) rounds each tap's GEMM to fp16/bf16 and adds the taps in the dtype: 1.6-2x the error
+# of one rounding (measured against fp64), so the kernels do not repeat it. The fused SnakeBeta repeats
 # snake_beta_ref's roundings (exp, x * alpha, sin, square, 1 / (beta + 1e-9), product, sum, each in the dtype).
 # In the interpreter fp32 -> bf16/fp16 casts truncate (one ulp per rounding) and bf16 products run in fp32 (UPCAST).
 
@@ -272,7 +273,7 @@ def _causal_conv_transpose1d_kernel(
     c_in, c_out, length, state_len, n_out, stride,
     sxb, sxc, sxl, ssb, ssc, ssl, swi, swo, swk, syb, syc, syl,
     TAPS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_BIAS: tl.constexpr, SNAKE: tl.constexpr,
-    ROUND_TAPS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
     r, tile = tl.program_id(0) % stride, tl.program_id(0) // stride     # output phase (fastest), (b, co, q) block
@@ -283,9 +284,8 @@ def _causal_conv_transpose1d_kernel(
     co_ok = co < c_out
     DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     x_row, s_row = x_ptr + b * sxb, state_ptr + b * ssb
-    y = tl.zeros((BLOCK_CO, BLOCK_Q), tl.float32)
+    y = tl.zeros((BLOCK_CO, BLOCK_Q), tl.float32)   # every tap's sum over C_in, in fp32
     for t in tl.static_range(TAPS):
-        acc = tl.zeros((BLOCK_CO, BLOCK_Q), tl.float32)
         k = (TAPS - 1 - t) * stride + r
         for ci0 in range(0, c_in, BLOCK_CI):
             ci = ci0 + tl.arange(0, BLOCK_CI)
@@ -295,13 +295,9 @@ def _causal_conv_transpose1d_kernel(
                         a, inv, HAS_STATE, SNAKE, DTYPE)                                      # [BCI, BQ]
             w = tl.load(w_ptr + co * swo + ci[None, :] * swi + k * swk, mask=co_ok & ci_ok[None, :], other=0.0)
             if UPCAST:
-                acc += tl.dot(w.to(tl.float32), v, input_precision=PRECISION)
+                y += tl.dot(w.to(tl.float32), v, input_precision=PRECISION)
             else:
-                acc += tl.dot(w, v.to(w.dtype), input_precision=PRECISION)
-        if ROUND_TAPS:
-            y = _round(y + _round(acc, DTYPE), DTYPE)
-        else:
-            y += acc
+                y += tl.dot(w, v.to(w.dtype), input_precision=PRECISION)
     if HAS_BIAS:
         y += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)
     j = (q * stride + r).to(tl.int64)
@@ -448,7 +444,7 @@ def _causal_conv_transpose1d_triton_op(
         C_in, C_out, L, state_len, n_out, stride,
         *x.stride(), *(state.stride() if state is not None else (0, 0, 0)), *weight.stride(), *y.stride(),
         TAPS=K // stride, HAS_STATE=state is not None, HAS_BIAS=bias is not None, SNAKE=alpha is not None,
-        ROUND_TAPS=x.dtype != torch.float32, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
         BLOCK_CO=block_co, BLOCK_Q=block_q, BLOCK_CI=block_ci, num_warps=num_warps, num_stages=1)
 
 
@@ -516,7 +512,7 @@ def _causal_conv_transpose1d_triton_or_ref(x, weight, bias, stride, state=None, 
 # omni::causal_conv1d (csrc/include/omni/causal_conv.cuh): groups 1 or C_in, the Triton kernel's roundings (fused
 # snake rounded op by op, fp32 sum, bias, one rounding), new state from a second tiny kernel.
 # omni::causal_conv_transpose1d (csrc/include/omni/causal_conv_transpose.cuh): K = m * stride with m <= 4, one CTA
-# per (phase, frame tile, C_out tile, b) like the Triton kernel, its roundings (per-tap rounding in fp16/bf16), new
+# per (phase, frame tile, C_out tile, b) like the Triton kernel, its roundings (fp32 over all taps, one rounding), new
 # state from a second tiny kernel. Calls the kernels do not take (other groups, mixed dtypes, a context too long for
 # 48 KiB of shared memory, m > 4, sizes past the grid) go to Triton, else the reference.
 

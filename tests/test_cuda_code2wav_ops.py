@@ -2,9 +2,8 @@
 references, streamed, in place and under CUDA-graph replay (skipped without a GPU or without the built extension).
 
 Tolerances: the kernels sum in fp32 in another order than torch/cuDNN (fp32: summation order only; the reference
-conv runs with TF32 off), then round once; fp16/bf16 allow a couple of ulps for cuDNN's own roundings (and, for the
-transposed conv, the Triton kernel's rounding of each tap's sum). The fused SnakeBeta repeats snake_beta_ref's per-op
-roundings with the same expf/sinf, so it adds little.
+conv runs with TF32 off), then round once; fp16/bf16 allow a couple of ulps for cuDNN's own roundings. The fused
+SnakeBeta repeats snake_beta_ref's per-op roundings with the same expf/sinf, so it adds little.
 """
 import pytest
 import torch

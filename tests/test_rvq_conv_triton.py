@@ -3,9 +3,10 @@ against their references, streamed in chunks against the offline call, and insid
 
 On CPU they run in the Triton interpreter (~25 ms of Python per program): shapes are small and the launch configs give
 few, large tiles. Tolerances: fp32 differs only in summation order and in sin/exp's last bit. fp16 repeats the
-reference's roundings (conv: fp32 sum, one rounding; transposed conv: each tap rounded, taps and bias added in fp16;
-snake: every op rounded). bf16 does too, but the interpreter truncates fp32 -> bf16 casts instead of rounding, one ulp
-(2^-8 relative) per rounding; the fused snake has seven, the transposed conv three, so bf16 allows a few ulps.
+reference's roundings (both convs: an fp32 sum over every tap and channel, the bias, one rounding, as oneDNN; snake:
+every op rounded). bf16 does too, but the interpreter truncates fp32 -> bf16 casts instead of rounding, one ulp
+(2^-8 relative) per rounding; the fused snake has seven, so bf16 allows a few ulps. (On a CPU without bf16
+instructions torch's transposed conv rounds each tap's sum instead: the tolerances cover that too.)
 """
 
 import pytest
@@ -36,7 +37,7 @@ def _moved(tree, device):
 
 def on_cpu(reference):
     """The reference run on CPU, results moved back to DEVICE: the roundings the kernels repeat are those of torch's
-    CPU convs (cuDNN rounds fp16/bf16 transposed-conv taps otherwise)."""
+    CPU convs (cuDNN's pick their algorithm, and with it their summation order and roundings, per shape)."""
     def run(*args, **kwargs):
         return _moved(reference(*_moved(args, "cpu"), **_moved(kwargs, "cpu")), DEVICE)
     return run

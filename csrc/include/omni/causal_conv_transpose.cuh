@@ -2,22 +2,21 @@
 // header-only; knows nothing about torch.
 //
 //   window[c, p] = p < S ? state[c, p] : act(x[c, p - S]),   W = S + L samples, S <= m - 1
-//   y[co, q * s + r] = to_T( bias[co] + sum_t round_T( sum_ci w[ci, co, (m - 1 - t) * s + r] * window[ci, q + t] ) )
+//   y[co, q * s + r] = to_T( bias[co] + sum_t sum_ci w[ci, co, (m - 1 - t) * s + r] * window[ci, q + t] )
 //   for q < n = max(W - (m - 1), 0), r < s, t < m;   new_state[c, i] = window[c, W - keep + i], keep = min(m - 1, W)
 //
 // That is ConvTranspose1d (kernel K = m * s, stride s) on the window with K - s samples trimmed from both ends: output
 // j = q * s + r reads the m inputs q .. q + m - 1 through taps of phase r. act and the roundings are causal_conv.cuh's
-// (SnakeBeta rounded op by op as snake_beta_ref, here also in fp32 with no FMA contraction; fp32 sums), plus the
-// Triton kernel's per-tap rounding in fp16/bf16: each tap's sum over C_in is rounded to T and the taps are added in T
-// in ascending t, then the bias and one last rounding (round_T is the identity for float). This header must not be
-// built with --use_fast_math.
+// (SnakeBeta rounded op by op as snake_beta_ref, here also in fp32 with no FMA contraction; fp32 sums over every tap
+// and channel, the bias, one rounding, as the Triton kernel, oneDNN and cuDNN). This header must not be built with
+// --use_fast_math.
 //
 // One kernel, SIMT fp32 FMAs, one CTA per (output phase r, frame tile, C_out tile, b): phase is the fastest grid
 // axis, so a CTA reads 1/s of its C_out tile's weights (decode reads every weight for a handful of frames: spreading
 // the weights over s times more CTAs is what matters) and the s CTAs of one tile, launched together, share the same
 // weight and input sectors in L2. The C_in loop runs in chunks of kCi channels: the CTA stages the chunk's window
 // [kCi][TQ + m - 1] (state/x/snake resolved once per sample) and its phase's weights [kCi][m][TCO] in shared memory,
-// then each thread accumulates m MCO x MQ register tiles, one per tap (the per-tap rounding needs them apart). A warp
+// then each thread accumulates its MCO x MQ register tile over the chunk's channels and the m taps. A warp
 // reads consecutive shared words (frames) and broadcast weights; its stores are s samples apart.
 // The new state is written by a second, tiny kernel launched after the conv, one thread per (b, c) row walking it
 // forward: new_state may be the very tensor passed as state (an in-place streaming update, what a CUDA graph wants),
@@ -110,13 +109,11 @@ __global__ void __launch_bounds__(Tile<TCO, TQ, MCO, MQ>::kThreads)
   T const* xb = p.x + b * p.sxb;
   T const* sb = p.state != nullptr ? p.state + b * p.ssb : nullptr;
 
-  float acc[kTaps][MCO][MQ];
+  float acc[MCO][MQ];
 #pragma unroll
-  for (int t = 0; t < kTaps; ++t)
+  for (int i = 0; i < MCO; ++i)
 #pragma unroll
-    for (int i = 0; i < MCO; ++i)
-#pragma unroll
-      for (int j = 0; j < MQ; ++j) acc[t][i][j] = 0.f;
+    for (int j = 0; j < MQ; ++j) acc[i][j] = 0.f;
 
   for (int ci0 = 0; ci0 < p.c_in; ci0 += kCi) {
     __syncthreads();  // the previous chunk's reads are done
@@ -157,7 +154,7 @@ __global__ void __launch_bounds__(Tile<TCO, TQ, MCO, MQ>::kThreads)
 #pragma unroll
         for (int i = 0; i < MCO; ++i)
 #pragma unroll
-          for (int j = 0; j < MQ; ++j) acc[t][i][j] = fmaf(w[i], v[j], acc[t][i][j]);
+          for (int j = 0; j < MQ; ++j) acc[i][j] = fmaf(w[i], v[j], acc[i][j]);
       }
     }
   }
@@ -172,10 +169,7 @@ __global__ void __launch_bounds__(Tile<TCO, TQ, MCO, MQ>::kThreads)
     for (int j = 0; j < MQ; ++j) {
       int const q = q0 + tq + j * Tl::kThreadsQ;
       if (q >= frames) continue;
-      float y = 0.f;
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) y = Round<T>(y + Round<T>(acc[t][i][j]));
-      yr[(static_cast<int64_t>(q) * p.stride + phase) * p.syl] = FromFloat<T>(y + bias);
+      yr[(static_cast<int64_t>(q) * p.stride + phase) * p.syl] = FromFloat<T>(acc[i][j] + bias);
     }
   }
 }
