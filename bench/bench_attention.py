@@ -3,12 +3,13 @@
     python bench/bench_attention.py [--dtype bfloat16] [--contexts 1024,4096,16384,32768] [--batches 1,8]
 
 Shapes are the thinker's: 32 query / 4 KV heads x 128. Rows:
-* decode (Tq = 1) at each context and batch: ours (split-KV ``decode_attention``), torch SDPA on the sliced cache
+* decode (Tq = 1) at each context and batch: ours (the Triton split-KV kernel, and what the dispatch runs when that
+  is another: the CUDA kernel, with the extension built), torch SDPA on the sliced cache
   (what ``attention_ref`` runs), the graph-safe masked reference, and the flash-decoding target = K+V bytes / peak
   HBM bandwidth (a kernel reading the cache once at full bandwidth);
 * prefill (causal) at 1k and 4k, plus Code2Wav's sliding window (16 x 64 heads, window 72) and the audio encoder's
   block-diagonal windows (20 x 64 heads, 104-token windows);
-* the q/k norm + M-RoPE + KV-write prologue (decode and prefill token counts).
+* the q/k norm + M-RoPE + KV-write prologue (decode and prefill token counts), Triton and the dispatched kernel.
 
 Three timings per row: ``ms`` from ``triton.testing.do_bench`` (eager, L2 flushed, Python dispatch included when it
 dominates), ``ms_graph`` from a CUDA graph of 20 calls back to back (GPU time only, L2 warm: the H200's 60 MB hold
@@ -106,6 +107,7 @@ class Table:
 
 
 def bench_decode(table: Table, dtype, contexts, batches):
+    import omni_kernels as ok
     from omni_kernels.attention import attention_ref, decode_attention_ref, decode_attention_triton
 
     scale = D**-0.5
@@ -122,6 +124,12 @@ def bench_decode(table: Table, dtype, contexts, batches):
             diff = (ours.float() - ref.float()).abs().max().item()
             table.add("decode", case, "triton split-kv", measure(lambda: decode_attention_triton(q, k, v, seq_lens,
                                                                                                  scale), nbytes), diff)
+            dispatched = ok.selected_backend("decode_attention", "cuda")
+            if dispatched != "triton":   # what the decoder layers run: the CUDA kernel when the extension has it
+                out = ok.decode_attention(q, k, v, seq_lens, scale)
+                table.add("decode", case, f"dispatch ({dispatched})",
+                          measure(lambda: ok.decode_attention(q, k, v, seq_lens, scale), nbytes),
+                          (out.float() - ref.float()).abs().max().item())
             table.add("decode", case, "torch sdpa", measure(lambda: attention_ref(q, k, v, scale), nbytes))
             table.add("decode", case, "torch masked ref",
                       measure(lambda: decode_attention_ref(q, k, v, seq_lens, scale), nbytes))
@@ -184,6 +192,12 @@ def bench_prologue(table: Table, dtype, lengths):
         case = {"B": B, "T": T}
         table.add("qk_norm_rope", case, "triton fused", measure(
             lambda: qk_norm_rope_triton(q, k, v, w, w, 1e-6, cos, sin, kc, vc, slots), nbytes), diff)
+        dispatched = ok.selected_backend("qk_norm_rope", "cuda")
+        if dispatched != "triton":   # what the decoder layers run: the CUDA kernel when the extension has it
+            out = ok.qk_norm_rope(q, k, v, w, w, 1e-6, cos, sin, kc, vc, slots)
+            table.add("qk_norm_rope", case, f"dispatch ({dispatched})", measure(
+                lambda: ok.qk_norm_rope(q, k, v, w, w, 1e-6, cos, sin, kc, vc, slots), nbytes),
+                (out.float() - ref.float()).abs().max().item())
         table.add("qk_norm_rope", case, "torch ref", measure(
             lambda: qk_norm_rope_ref(q, k, v, w, w, 1e-6, cos, sin, kc, vc, slots), nbytes))
 

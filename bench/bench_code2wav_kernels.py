@@ -64,7 +64,7 @@ def main() -> None:
                  "(a test tool, ~25 ms per program), so timings there mean nothing.")
     from omni_kernels.causal_conv import (causal_conv1d_ref, causal_conv1d_triton, causal_conv_transpose1d_ref,
                                           causal_conv_transpose1d_triton)
-    from omni_kernels.rvq_lookup import rvq_embed_mean_ref, rvq_embed_mean_triton
+    from omni_kernels.rvq_lookup import _rvq_embed_mean_cuda, rvq_embed_mean_ref, rvq_embed_mean_triton
 
     import omni_kernels as ok
     from omni_kernels._extension import has_cuda_op
@@ -101,6 +101,8 @@ def main() -> None:
         codes = torch.randint(0, 2048, (1, 16, frames), device=device)
         nbytes = (16 * frames * HIDDEN + frames * HIDDEN) * size
         record("rvq_embed_mean", frames, "triton", lambda: rvq_embed_mean_triton(codes, table, 2048), nbytes)
+        if has_cuda_op("rvq_embed_mean"):
+            record("rvq_embed_mean", frames, "cuda", lambda: _rvq_embed_mean_cuda(codes, table, 2048), nbytes)
         record("rvq_embed_mean", frames, "torch", lambda: rvq_embed_mean_ref(codes, table, 2048), nbytes)
         for name, kind, c_in, c_out, k, d, groups, spf, snake in layers():
             length = frames * spf
