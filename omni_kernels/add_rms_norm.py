@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from omni_kernels._extension import cuda_runs
+from omni_kernels._extension import cuda_runs, has_cuda_op
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
-from omni_kernels.rms_norm import _rms_norm_cuda, rms_norm_ref
+from omni_kernels.rms_norm import _rms_norm_cuda, cuda_supports, rms_norm_ref
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -64,15 +64,30 @@ def add_rms_norm_triton(x, residual, weight, eps):
 
 
 def add_then_rms_norm_cuda(x, residual, weight, eps):
-    """The add, then ``omni::rms_norm``: two kernels, what a GPU layer ran before this op existed (the reference's
-    composition is nine in bf16: the add, two casts, square, mean, the eps add, rsqrt and two multiplies, each a
-    launch at decode)."""
+    """The add, then ``omni::rms_norm``: two kernels, what a GPU layer ran before ``omni::add_rms_norm`` (the
+    reference's composition is nine in bf16: the add, two casts, square, mean, the eps add, rsqrt and two multiplies,
+    each a launch at decode)."""
     total = x + residual
     return total, _rms_norm_cuda(total, weight, eps, None)
 
 
+def add_rms_norm_cuda(x, residual, weight, eps):
+    """``omni::add_rms_norm`` (csrc/include/omni/rms_norm.cuh): the add and the norm in one kernel, the same
+    roundings as the add followed by ``omni::rms_norm`` (bit for bit when both move 16-byte vectors). What it does
+    not take (mixed dtypes, rows that do not view as one strided dim, ...) runs the two-kernel path."""
+    if (not has_cuda_op("add_rms_norm") or residual.dtype != x.dtype or residual.device != x.device
+            or not cuda_supports(x, weight, None) or not cuda_supports(residual, weight, None)):
+        return add_then_rms_norm_cuda(x, residual, weight, eps)
+    total, out = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        x, memory_format=torch.contiguous_format)
+    torch.ops.omni.add_rms_norm(x, residual, weight, eps, total, out)
+    return total, out
+
+
 REGISTRY.register("add_rms_norm", "torch", everywhere)(add_rms_norm_ref)
-REGISTRY.register("add_rms_norm", "cuda", cuda_runs("rms_norm"))(add_then_rms_norm_cuda)
+# One kernel where the extension has it (the same arithmetic as the two-kernel path it replaces), else the add and
+# omni::rms_norm.
+REGISTRY.register("add_rms_norm", "cuda", cuda_runs("rms_norm"))(add_rms_norm_cuda)
 # opt-in until bench/bench_norms.py shows it faster than the add and the CUDA rms_norm on a GPU
 REGISTRY.register("add_rms_norm", "triton", triton_runs, opt_in=True)(add_rms_norm_triton)
 

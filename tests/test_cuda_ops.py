@@ -34,15 +34,44 @@ def test_rms_norm_cuda_matches_reference(shape, dtype, atol, rtol, layout):
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1024), (7, 129), (3, 5, 2048)])
-def test_add_rms_norm_default_on_a_gpu_is_the_add_then_cuda_rms_norm(shape, dtype, atol, rtol):
-    x, r = (torch.randn(shape, device="cuda").to(dtype) for _ in range(2))
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1024), (7, 129), (3, 5, 2048), (129, 7)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided residual", "unaligned rows"])
+def test_add_rms_norm_cuda_is_the_add_then_cuda_rms_norm(shape, dtype, atol, rtol, layout):
+    # The GPU default: omni::add_rms_norm, one kernel. The sum is the reference's add bit for bit; the norm is the
+    # two-kernel path's (the add, then omni::rms_norm) bit for bit where both move 16-byte vectors, else within the
+    # rms_norm tolerances (another summation order of the statistics).
+    from omni_kernels.add_rms_norm import add_rms_norm_cuda, add_then_rms_norm_cuda
+    pad = 5 if layout == "unaligned rows" else 0
+    x = torch.randn(*shape[:-1], shape[-1] + pad, device="cuda").to(dtype)[..., : shape[-1]]
+    r = torch.randn(shape, device="cuda").to(dtype)
+    if layout == "strided residual":   # rows of the residual stream as a transposed view: not one row dim
+        r = r.transpose(0, -1).contiguous().transpose(0, -1)
     w = (1 + 0.1 * torch.randn(shape[-1], device="cuda")).to(dtype)
     assert ok.selected_backend("add_rms_norm", "cuda") == "cuda"
-    total, normed = ok.add_rms_norm(x, r.transpose(0, -1).contiguous().transpose(0, -1), w, 1e-6)
+    total, normed = ok.add_rms_norm(x, r, w, 1e-6)
     ref_total, ref_normed = ok.add_rms_norm_ref(x, r, w, 1e-6)
     assert torch.equal(total, ref_total)
     torch.testing.assert_close(normed, ref_normed, atol=atol, rtol=rtol)
+    two_total, two_normed = add_then_rms_norm_cuda(x, r, w, 1e-6)
+    assert torch.equal(total, two_total)
+    if layout == "contiguous":
+        assert torch.equal(normed, two_normed)
+    assert torch.equal(add_rms_norm_cuda(x, r, w, 1e-6)[1], normed)
+
+
+def test_add_rms_norm_cuda_refuses_overlapping_outputs():
+    x, r, w = torch.randn(5, 64, device="cuda"), torch.randn(5, 64, device="cuda"), torch.ones(64, device="cuda")
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    torch.ops.omni.add_rms_norm(x, r, w, 1e-6, total, out)
+    expected = ok.add_rms_norm_ref(x, r, w, 1e-6)
+    assert torch.equal(total, expected[0])
+    torch.testing.assert_close(out, expected[1], atol=1e-6, rtol=1e-5)
+    for sum_out, normed, message in ((x, out, "sum must not overlap x"), (total, r, "out must not overlap residual"),
+                                     (total, total, "out must not overlap sum")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.omni.add_rms_norm(x, r, w, 1e-6, sum_out, normed)
+    with pytest.raises(RuntimeError, match="must have x's dtype"):
+        torch.ops.omni.add_rms_norm(x, r.half(), w, 1e-6, total, out)
 
 
 def test_rms_norm_cuda_in_place_and_overlap():
