@@ -5,7 +5,8 @@
 * ``rms_norm`` (CUDA ``omni::rms_norm`` against the reference's fp32 statistics + two casts);
 * ``add_rms_norm`` (CUDA ``omni::add_rms_norm``, the default on a GPU, and Triton: the residual add and the next
   norm in one pass, against the add then the CUDA rms_norm they replace, and the reference's add + rms_norm);
-* ``silu_mul`` (Triton, on the fused gate/up GEMM's output, against ``F.silu(gate) * up``).
+* ``silu_mul`` (CUDA ``omni::silu_mul``, the default on a GPU, and Triton, on the fused gate/up GEMM's output,
+  against ``F.silu(gate) * up``).
 Hidden sizes are the thinker's (2048) and the talker's (1024); silu_mul's widths the code predictor's MLP (3072) and
 the talker's shared expert (768). The Triton ``add_rms_norm`` and ``silu_mul`` stay opt-in in the dispatch until
 this shows them faster than the defaults (the rule for every kernel not yet measured on a GPU). Same columns as
@@ -76,7 +77,8 @@ def bench_add_rms_norm(table: Table, dtype, tokens):
 
 
 def bench_silu_mul(table: Table, dtype, tokens):
-    from omni_kernels.silu_mul import silu_mul_ref, silu_mul_triton
+    from omni_kernels._extension import has_cuda_op
+    from omni_kernels.silu_mul import silu_mul_cuda, silu_mul_ref, silu_mul_triton
 
     for inter in (3072, 768):
         for t in tokens:
@@ -84,6 +86,9 @@ def bench_silu_mul(table: Table, dtype, tokens):
             nbytes, case = 1.5 * x.numel() * x.element_size(), {"T": t, "I": inter}
             diff = (silu_mul_triton(x).float() - silu_mul_ref(x).float()).abs().max().item()
             table.add("silu_mul", case, "triton", measure(lambda: silu_mul_triton(x), nbytes), diff)
+            if has_cuda_op("silu_mul"):   # the default on a GPU
+                diff = (silu_mul_cuda(x).float() - silu_mul_ref(x).float()).abs().max().item()
+                table.add("silu_mul", case, "cuda", measure(lambda: silu_mul_cuda(x), nbytes), diff)
             table.add("silu_mul", case, "torch ref", measure(lambda: silu_mul_ref(x), nbytes))
 
 

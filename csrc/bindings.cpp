@@ -21,6 +21,7 @@ void decoder_step(at::Tensor const& x, c10::List<std::optional<at::Tensor>> cons
 void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Tensor& out);
 void add_rms_norm(at::Tensor const& x, at::Tensor const& residual, at::Tensor const& weight, double eps,
                   at::Tensor& sum, at::Tensor& out);
+void silu_mul(at::Tensor const& x, at::Tensor& out);
 void qk_norm_rope(at::Tensor const& q, at::Tensor const& k, at::Tensor const& v,
                   std::optional<at::Tensor> const& q_norm_weight, std::optional<at::Tensor> const& k_norm_weight,
                   double eps, at::Tensor const& cos, at::Tensor const& sin, at::Tensor& k_cache, at::Tensor& v_cache,
@@ -45,6 +46,7 @@ void fused_moe(at::Tensor const& x, at::Tensor const& router_logits, at::Tensor 
 TORCH_LIBRARY(omni, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor(a!) out) -> ()");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, Tensor(a!) sum, Tensor(b!) out) -> ()");
+  m.def("silu_mul(Tensor x, Tensor(a!) out) -> ()");
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor v, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps, "
         "Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_positions, "
         "Tensor(c!) q_out) -> ()");
@@ -76,6 +78,7 @@ TORCH_LIBRARY_IMPL(omni, CPU, m) {
 TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
   m.impl("qk_norm_rope", &qk_norm_rope);
   m.impl("decode_attention", &decode_attention);
   m.impl("rvq_embed_mean", &rvq_embed_mean);

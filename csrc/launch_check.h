@@ -1,4 +1,4 @@
-// Checks every launcher shares: outputs that must not share memory with inputs, and the launch itself.
+// Checks every launcher shares: outputs that must not share memory with inputs, row views, and the launch itself.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -14,6 +14,23 @@ inline void CheckNoOverlap(char const* op, at::TensorBase const& out, char const
   at::MemOverlapStatus const s = at::get_overlap_status(out, in);
   TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op, out_name,
               " must not overlap ", in_name);
+}
+
+// Row stride (in elements) of `t` seen as [rows, hidden], or -1 when its leading dims do not collapse into one
+// strided dim. Size-1 dims place no constraint; a tensor whose leading dims are all 1 has one row.
+inline int64_t RowStride(at::TensorBase const& t) {
+  int64_t stride = -1;  // stride of the innermost leading dim of size > 1
+  int64_t span = 1;     // product of the sizes of the leading dims inside the current one
+  for (int64_t i = t.dim() - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (stride < 0) {
+      stride = t.stride(i);
+    } else if (t.stride(i) != stride * span) {
+      return -1;
+    }
+    span *= t.size(i);
+  }
+  return stride < 0 ? t.size(-1) : stride;
 }
 
 // A failed cudaLaunchKernel (or cudaFuncSetAttribute) also records its error as the host thread's last CUDA error.

@@ -12,23 +12,6 @@
 
 namespace {
 
-// Row stride (in elements) of `t` seen as [rows, hidden], or -1 when its leading dims do not collapse into one
-// strided dim. Size-1 dims place no constraint; a tensor whose leading dims are all 1 has one row.
-int64_t RowStride(at::Tensor const& t) {
-  int64_t stride = -1;  // stride of the innermost leading dim of size > 1
-  int64_t span = 1;     // product of the sizes of the leading dims inside the current one
-  for (int64_t i = t.dim() - 2; i >= 0; --i) {
-    if (t.size(i) == 1) continue;
-    if (stride < 0) {
-      stride = t.stride(i);
-    } else if (t.stride(i) != stride * span) {
-      return -1;
-    }
-    span *= t.size(i);
-  }
-  return stride < 0 ? t.size(-1) : stride;
-}
-
 // The row stride of a tensor the kernel reads or writes as [rows, hidden]: contiguous in its last dim, leading
 // dims that collapse into one, on x's device with x's dtype and shape.
 int64_t CheckedRowStride(char const* op, at::Tensor const& t, char const* name, at::Tensor const& x) {
@@ -38,7 +21,7 @@ int64_t CheckedRowStride(char const* op, at::Tensor const& t, char const* name, 
   TORCH_CHECK(t.sizes() == x.sizes(), op, name, " must have the shape of x ", x.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.stride(-1) == 1 || x.size(-1) == 1, op, name, " must be contiguous in its last dim, got strides ",
               t.strides());
-  int64_t const stride = RowStride(t);
+  int64_t const stride = omni::RowStride(t);
   TORCH_CHECK(stride >= 0, op, "the leading dims of ", name, " (shape ", t.sizes(), ", strides ", t.strides(),
               ") cannot be viewed as one row dim; pass it reshaped to (-1, hidden)");
   return stride;
@@ -114,8 +97,8 @@ void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Ten
   if (x.numel() == 0) return;
 
   int64_t const rows = x.numel() / hidden;
-  int64_t const x_stride = RowStride(x);
-  int64_t const out_stride = RowStride(out);
+  int64_t const x_stride = omni::RowStride(x);
+  int64_t const out_stride = omni::RowStride(out);
   TORCH_CHECK(x_stride >= 0, "omni::rms_norm: the leading dims of x (shape ", x.sizes(), ", strides ", x.strides(),
               ") cannot be viewed as one row dim; pass x.reshape(-1, hidden)");
   TORCH_CHECK(out_stride >= 0, "omni::rms_norm: the leading dims of out (shape ", out.sizes(), ", strides ",

@@ -3,15 +3,19 @@
 With gate and up in one [2I, H] weight, a SwiGLU MLP is two GEMMs and this op instead of three GEMMs, a SiLU and a
 multiply: at decode, where every kernel is a few microseconds of launch and tail, three kernels fewer per MLP.
 The reference rounds like ``F.silu(gate) * up``: SiLU in fp32, rounded to the dtype, the product rounded again; the
-Triton kernel repeats those roundings.
+kernels repeat those roundings. On a GPU the default is the CUDA kernel (csrc/include/omni/silu_mul.cuh): one launch
+for the reference's two, bit for bit torch's CUDA result (the same expf and IEEE division); the Triton kernel
+(``tl.exp``, an approximate exponential) stays opt-in.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
+from omni_kernels.rms_norm import _row_stride
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -51,7 +55,24 @@ def silu_mul_triton(x: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], cols)
 
 
+def _row_viewable(t: torch.Tensor) -> bool:
+    return t.dim() < 2 or _row_stride(t) >= 0
+
+
+def silu_mul_cuda(x: torch.Tensor) -> torch.Tensor:
+    """``omni::silu_mul``; what it does not take (other dtypes, a strided last dim, leading dims that do not view as
+    one row dim) runs the reference."""
+    if (x.dtype not in _TRITON_DTYPES or x.dim() == 0 or (x.stride(-1) != 1 and x.shape[-1] > 1)
+            or not _row_viewable(x)):
+        return silu_mul_ref(x)
+    out = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+    torch.ops.omni.silu_mul(x, out)
+    return out
+
+
 REGISTRY.register("silu_mul", "torch", everywhere)(silu_mul_ref)
+# the reference's arithmetic in one launch instead of two (see omni_kernels.dispatch on such kernels)
+REGISTRY.register("silu_mul", "cuda", cuda_runs("silu_mul"))(silu_mul_cuda)
 # opt-in until bench/bench_norms.py shows it faster than the reference on a GPU
 REGISTRY.register("silu_mul", "triton", triton_runs, opt_in=True)(silu_mul_triton)
 

@@ -42,7 +42,8 @@ def test_triton_keeps_leading_dims_and_dispatches():
         out = ok.silu_mul(x)
     torch.testing.assert_close(out, F.silu(x[..., :33]) * x[..., 33:], atol=1e-6, rtol=1e-6)
     assert out.shape == (2, 3, 33)
-    assert ok.selected_backend("silu_mul", DEVICE) == "torch"   # opt-in until measured on a GPU
+    from omni_kernels._extension import has_cuda_op   # Triton: opt-in until measured on a GPU; CUDA: the default
+    assert ok.selected_backend("silu_mul", DEVICE) == ("cuda" if has_cuda_op("silu_mul") else "torch")
     assert silu_mul_triton(x[:, :0]).shape == (2, 0, 33)
 
 
@@ -51,3 +52,43 @@ def test_rejects_an_odd_width():
         ok.silu_mul(torch.randn(2, 7))
     if INTERPRET or DEVICE.type == "cuda":
         assert silu_mul_triton(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64   # reference dtype
+
+
+def _cuda_silu_mul():
+    from omni_kernels._extension import has_cuda_op
+    if not torch.cuda.is_available() or not has_cuda_op("silu_mul"):
+        pytest.skip("needs a GPU and the compiled extension")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("shape", [(1, 2), (1, 6144), (7, 258), (129, 96), (3, 5, 1536), (2050,)])
+@pytest.mark.parametrize("layout", ["contiguous", "row-strided", "unaligned rows", "transposed"])
+def test_cuda_is_the_reference_bit_for_bit(dtype, shape, layout):
+    # torch's CUDA F.silu(gate) * up: the same expf, IEEE division and roundings, so equal, not close; the vector
+    # path (16-byte rows) and the scalar one (odd widths, unaligned row strides), and a transposed x the kernel does
+    # not take (the reference runs)
+    _cuda_silu_mul()
+    from omni_kernels.silu_mul import silu_mul_cuda
+    pad = {"contiguous": 0, "row-strided": 16, "unaligned rows": 3, "transposed": 0}[layout]
+    x = (3 * torch.randn(*shape[:-1], shape[-1] + pad, device="cuda")).to(dtype)[..., : shape[-1]]
+    if layout == "transposed" and x.dim() >= 2:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    assert ok.selected_backend("silu_mul", "cuda") == "cuda"
+    out = ok.silu_mul(x)
+    assert out.shape == (*shape[:-1], shape[-1] // 2) and out.is_contiguous()
+    assert torch.equal(out, silu_mul_ref(x))
+    assert torch.equal(silu_mul_cuda(x), out)
+
+
+@pytest.mark.gpu
+def test_cuda_refuses_bad_arguments():
+    _cuda_silu_mul()
+    x = torch.randn(4, 8, device="cuda")
+    for out, message in ((torch.empty(4, 5, device="cuda"), "out must have shape"),
+                         (torch.empty(4, 4, device="cuda", dtype=torch.half), "out must have x's dtype"),
+                         (x[:, :4], "out must not overlap x")):
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.omni.silu_mul(x, out)
+    with pytest.raises(RuntimeError, match="gate and up halves"):
+        torch.ops.omni.silu_mul(torch.randn(4, 7, device="cuda"), torch.empty(4, 3, device="cuda"))
