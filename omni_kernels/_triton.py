@@ -15,6 +15,10 @@ try:
     import triton.language as tl
 
     HAS_TRITON = True
+    try:   # libdevice's math functions (the accurate expf torch's CUDA kernels call)
+        from triton.language.extra import libdevice
+    except ImportError:
+        libdevice = None
 except ImportError:  # the decorators become no-ops so kernel modules still import
     HAS_TRITON = False
 
@@ -28,6 +32,7 @@ except ImportError:  # the decorators become no-ops so kernel modules still impo
             return args[0] if len(args) == 1 and callable(args[0]) else _Placeholder()
 
     triton = tl = _Placeholder()
+    libdevice = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -36,4 +41,4 @@ def triton_runs(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
-__all__ = ["HAS_TRITON", "INTERPRET", "tl", "triton", "triton_runs"]
+__all__ = ["HAS_TRITON", "INTERPRET", "libdevice", "tl", "triton", "triton_runs"]

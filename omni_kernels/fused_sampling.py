@@ -4,31 +4,36 @@ the draw, per row, for vocabularies up to ``MAX_FUSED_VOCAB`` (the talker's 3072
 ``Sampler`` runs the reference's logits processors op by op (``omni_kernels.sampling``): 12 ATen ops a talker draw
 and 13 a predictor draw (counted on CPU; multinomial and sort are several kernels each on CUDA), and a sampled talker
 frame draws 16 times (codebook 0, then 15 predictor steps), ~200 launches of a few microseconds each inside the
-frame's graph, against two a draw here (the key draw and the kernel).
+frame's graph, against two a draw here (the race's noise and the kernel).
 
-The draw is the exponential race torch.multinomial(probs, 1) runs: argmax(probs / q) with q ~ Exp(1) per token,
-which picks token i with probability probs[i]. q comes from Philox (``tl.rand``) keyed by one 64-bit key per row
-that the caller draws from the stream's generator (a ``torch.randint``, graph-safe like any draw): the same
-distribution as the reference's, another random stream, so a seed gives other tokens than the torch path's.
+The draw is the exponential race torch.multinomial(probs, 1) itself runs: argmax(probs / q) with
+q = empty_like(probs).exponential_(generator), which picks token i with probability probs[i]. The caller draws q
+exactly so, from the stream's generator, so the noise is the reference's, draw for draw; the kernel computes probs
+as the reference does (fp32, the max subtracted, the exponential, a correctly rounded division by the sum: libdevice's
+``expf`` on a GPU, as torch's softmax) in another summation order. A seed therefore gives the reference's tokens
+unless two tokens' probs / q agree to the last bits (the sum's rounding can swap them: a measure-zero event in
+practice, ~1e-7 relative).
 
 The kept set is the reference's: top-k keeps every logit >= the k-th largest (ties included, as the reference's
 ``logits < kth`` mask); top-p drops the smallest probabilities whose running sum stays <= 1 - top_p and never the
 largest. Both thresholds are found by bisection on the values' bit patterns instead of a sort: a group of equal
 probabilities straddling the top-p boundary stays whole here, where the reference's sort (unspecified order on
 ties) drops part of it, and a token whose running sum lies within rounding (~1e-6) of 1 - top_p may fall on the
-other side, the sums being added in another order.
+other side, the sums being added in another order. With fp32 logits ties are rare and the tests' seeded draws equal
+the reference's; bf16 logits (8 bits of mantissa) tie often, so there a seed's draws part ways now and then.
 """
 from __future__ import annotations
 
 import torch
 
-from omni_kernels._triton import tl, triton, triton_runs
+from omni_kernels._triton import INTERPRET, libdevice, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 from omni_kernels.sampling import penalised_logits, sample_ref, sample_rows_ref, warped_probs
 
 # One program holds its row in registers: on sm_90, 8192 fp32 over 16 warps take 107 registers a thread, no spills;
 # 16384 spills even over 32 warps (compiled with triton 3.7, cuobjdump --dump-resource-usage).
 MAX_FUSED_VOCAB = 8192
+ACCURATE_EXP = libdevice is not None and not INTERPRET
 
 
 def sample_draw_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -59,11 +64,27 @@ def _order_key(x):
 
 
 @triton.jit
-def _fused_sample_kernel(logits_ptr, seen_ptr, suppress_ptr, keys_ptr, noise_ptr, out_ptr, vocab,
+def _exp(x, ACCURATE: tl.constexpr):
+    # libdevice's expf, torch's softmax exponential on a GPU (tl.exp is the fast ex2 approximation); the interpreter
+    # has no libdevice and computes exp in numpy
+    if ACCURATE:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
+def _softmax(x, ACCURATE: tl.constexpr):
+    """softmax over the row as torch computes it: exp(x - max) / sum, the division correctly rounded."""
+    e = _exp(x - tl.max(x, axis=0), ACCURATE)     # 0 where masked (-inf)
+    return tl.math.div_rn(e, tl.full(e.shape, 1.0, tl.float32) * tl.sum(e, axis=0))
+
+
+@triton.jit
+def _fused_sample_kernel(logits_ptr, seen_ptr, suppress_ptr, noise_ptr, out_ptr, vocab,
                          stride_lb, stride_lv, stride_sb, stride_sv, stride_nb,
                          temperature, penalty, top_k, top_p_drop,
                          HAS_SEEN: tl.constexpr, HAS_SUPPRESS: tl.constexpr, TOP_K: tl.constexpr,
-                         TOP_P: tl.constexpr, NOISE_GIVEN: tl.constexpr, BLOCK_V: tl.constexpr):
+                         TOP_P: tl.constexpr, ACCURATE_EXP: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_V)
     valid = offs < vocab
@@ -84,21 +105,17 @@ def _fused_sample_kernel(logits_ptr, seen_ptr, suppress_ptr, keys_ptr, noise_ptr
             lo, hi = tl.where(enough, mid, lo), tl.where(enough, hi, mid - 1)
         x = tl.where(key >= lo, x, float("-inf"))
         key = _order_key(x)
-    e = tl.exp(x - tl.max(x, axis=0))             # unnormalised softmax; 0 where masked
+    p = _softmax(x, ACCURATE_EXP)
     if TOP_P:   # drop keys <= the largest t whose probability mass sum(p, key <= t) stays <= 1 - top_p
         highest = tl.max(tl.where(valid, key, -2**40), axis=0)
-        p = e / tl.sum(e, axis=0)
         lo, hi = lowest - 1, highest
         for _ in range(34):
             mid = lo + (hi - lo + 1) // 2
             within = tl.sum(tl.where(key <= mid, p, 0.0), axis=0) <= top_p_drop
             lo, hi = tl.where(within, mid, lo), tl.where(within, hi, mid - 1)
-        e = tl.where((key <= lo) & (key < highest), 0.0, e)
-    if NOISE_GIVEN:
-        q = tl.load(noise_ptr + row * stride_nb + offs, mask=valid, other=1.0)
-    else:
-        q = -tl.log(1.0 - tl.rand(tl.load(keys_ptr + row), offs))   # Exp(1); u in [0, 1) keeps log finite
-    race = tl.where(valid & (e > 0.0), e / q, -1.0)
+        p = _softmax(tl.where((key <= lo) & (key < highest), float("-inf"), x), ACCURATE_EXP)   # over the kept
+    q = tl.load(noise_ptr + row * stride_nb + offs, mask=valid, other=1.0)
+    race = tl.where(valid & (p > 0.0), tl.math.div_rn(p, q), -1.0)    # torch.multinomial's probs / q, argmax
     tl.store(out_ptr + row, tl.argmax(race, axis=0).to(tl.int64))
 
 
@@ -106,31 +123,25 @@ def num_warps(block_v: int) -> int:
     return min(max(block_v // 512, 4), 16)   # 16 values a thread from 8192 up, 4 warps below 2048
 
 
-def fused_sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, *,
-                 keys: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+def fused_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, noise: torch.Tensor, *,
                  seen: torch.Tensor | None = None, penalty: float = 1.0,
                  suppress: torch.Tensor | None = None) -> torch.Tensor:
-    """logits [B, V] (V <= MAX_FUSED_VOCAB), temperature > 0 -> tokens [B] int64. The race's noise comes from
-    ``keys`` [B] int64 (one Philox key per row) or is given as ``noise`` [B, V] fp32 ~ Exp(1) (the tests' exact
-    comparison with ``sample_with_noise_ref``). ``seen`` [B, V] bool with ``penalty``; ``suppress`` [V] bool."""
+    """logits [B, V] (V <= MAX_FUSED_VOCAB), temperature > 0, the race's ``noise`` [B, V] fp32 ~ Exp(1) (what
+    torch.multinomial draws: ``exponential_`` from the generator) -> tokens [B] int64. ``seen`` [B, V] bool with
+    ``penalty``; ``suppress`` [V] bool."""
     batch, vocab = logits.shape
     if not 0 < vocab <= MAX_FUSED_VOCAB:
         raise ValueError(f"fused_sample: vocabulary {vocab} outside [1, {MAX_FUSED_VOCAB}]")
     if temperature <= 0:
         raise ValueError(f"fused_sample draws (temperature > 0), got temperature={temperature}; greedy is argmax")
-    if (keys is None) == (noise is None):
-        raise ValueError("fused_sample takes exactly one of keys (Philox keys) or noise (the race's Exp(1) draws)")
-    if keys is not None and (keys.shape != (batch,) or keys.dtype != torch.int64):
-        raise ValueError(f"fused_sample: keys must be int64 [{batch}], got {keys.dtype} {tuple(keys.shape)}")
-    if noise is not None:
-        if noise.shape != logits.shape:
-            raise ValueError(f"fused_sample: noise {tuple(noise.shape)} must match logits {tuple(logits.shape)}")
-        noise = noise.float().contiguous()
+    if noise.shape != logits.shape:
+        raise ValueError(f"fused_sample: noise {tuple(noise.shape)} must match logits {tuple(logits.shape)}")
+    noise = noise.float().contiguous()
     if seen is not None and seen.shape != logits.shape:
         raise ValueError(f"fused_sample: seen {tuple(seen.shape)} must match logits {tuple(logits.shape)}")
     if suppress is not None and suppress.shape != (vocab,):
         raise ValueError(f"fused_sample: suppress must be [{vocab}], got {tuple(suppress.shape)}")
-    for name, t in (("keys", keys), ("noise", noise), ("seen", seen), ("suppress", suppress)):
+    for name, t in (("noise", noise), ("seen", seen), ("suppress", suppress)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"fused_sample: {name} on {t.device}, logits on {logits.device}")
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
@@ -141,28 +152,35 @@ def fused_sample(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p
     suppress_arg = suppress.contiguous().view(torch.uint8) if suppress is not None else logits
     block_v = triton.next_power_of_2(vocab)
     _fused_sample_kernel[(batch,)](
-        logits, seen_arg, suppress_arg, keys if keys is not None else out, noise if noise is not None else logits,
-        out, vocab, *logits.stride(), *(seen_arg.stride() if has_seen else (0, 0)),
-        noise.stride(0) if noise is not None else 0, float(temperature), float(penalty), int(top_k),
-        1.0 - float(top_p), HAS_SEEN=has_seen, HAS_SUPPRESS=suppress is not None, TOP_K=0 < top_k < vocab,
-        TOP_P=top_p < 1.0, NOISE_GIVEN=noise is not None, BLOCK_V=block_v,
+        logits, seen_arg, suppress_arg, noise, out, vocab, *logits.stride(),
+        *(seen_arg.stride() if has_seen else (0, 0)), noise.stride(0), float(temperature), float(penalty),
+        int(top_k), 1.0 - float(top_p), HAS_SEEN=has_seen, HAS_SUPPRESS=suppress is not None,
+        TOP_K=0 < top_k < vocab, TOP_P=top_p < 1.0, ACCURATE_EXP=ACCURATE_EXP, BLOCK_V=block_v,
         num_warps=num_warps(block_v))
     return out
 
 
+def race_noise(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """The Exp(1) noise torch.multinomial(probs, 1) draws for ``logits``' rows: one ``exponential_`` over [B, V]
+    from a single generator (``sample_ref``), or one over each row from its own (``sample_rows_ref``)."""
+    draw = lambda rows, g: torch.empty(rows, logits.shape[-1], device=logits.device).exponential_(  # noqa: E731
+        generator=g)
+    if len(generators) == 1:
+        return draw(logits.shape[0], generators[0])
+    return torch.cat([draw(1, g) for g in generators])
+
+
 def _sample_draw_fused(logits, temperature, top_k, top_p, generators, seen=None, penalty=1.0, suppress=None):
-    """``sample_draw_ref`` as one kernel: each row's Philox key drawn from its generator (one ``randint`` per
-    generator), then ``fused_sample``. Greedy draws and larger vocabularies (the thinker's) take the reference."""
+    """``sample_draw_ref`` as one kernel: the race's noise drawn from the generators as torch.multinomial draws it,
+    then ``fused_sample``. Greedy draws and larger vocabularies (the thinker's) take the reference."""
     if temperature == 0.0 or logits.shape[-1] > MAX_FUSED_VOCAB:
         return sample_draw_ref(logits, temperature, top_k, top_p, generators, seen, penalty, suppress)
-    batch = logits.shape[0]
-    draw = lambda count, g: torch.randint(0, 2**62, (count,), generator=g, device=logits.device)  # noqa: E731
-    keys = draw(batch, generators[0]) if len(generators) == 1 else torch.cat([draw(1, g) for g in generators])
-    return fused_sample(logits, temperature, top_k, top_p, keys=keys, seen=seen, penalty=penalty, suppress=suppress)
+    return fused_sample(logits, temperature, top_k, top_p, race_noise(logits, generators), seen=seen,
+                        penalty=penalty, suppress=suppress)
 
 
 REGISTRY.register("sample_draw", "torch", everywhere)(sample_draw_ref)
-# opt-in: other random draws than the reference's for a seed, and not yet timed against it on a GPU
+# opt-in: not yet timed against the reference's ~dozen launches on a GPU
 REGISTRY.register("sample_draw", "triton", triton_runs, opt_in=True)(_sample_draw_fused)
 
 
