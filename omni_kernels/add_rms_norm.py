@@ -78,8 +78,8 @@ def add_rms_norm_cuda(x, residual, weight, eps):
     if (not has_cuda_op("add_rms_norm") or residual.dtype != x.dtype or residual.device != x.device
             or not cuda_supports(x, weight, None) or not cuda_supports(residual, weight, None)):
         return add_then_rms_norm_cuda(x, residual, weight, eps)
-    total, out = torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
-        x, memory_format=torch.contiguous_format)
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(total)
     torch.ops.omni.add_rms_norm(x, residual, weight, eps, total, out)
     return total, out
 
