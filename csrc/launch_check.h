@@ -33,6 +33,13 @@ inline int64_t RowStride(at::TensorBase const& t) {
   return stride < 0 ? t.size(-1) : stride;
 }
 
+// The rows of a written tensor (row stride ``stride``, as RowStride gives it) do not overlap one another.
+inline void CheckRowsApart(char const* op, at::TensorBase const& t, char const* name, int64_t stride) {
+  int64_t const hidden = t.size(-1);
+  TORCH_CHECK(t.numel() == hidden || stride >= hidden, op, "rows of ", name, " overlap (row stride ", stride,
+              " < hidden ", hidden, ")");
+}
+
 // A failed cudaLaunchKernel (or cudaFuncSetAttribute) also records its error as the host thread's last CUDA error.
 // Clear it before throwing, or the next C10_CUDA_KERNEL_LAUNCH_CHECK (in torch's own ops) would report this launch's
 // failure against an unrelated kernel.

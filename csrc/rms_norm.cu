@@ -38,13 +38,6 @@ void CheckWeight(char const* op, at::Tensor const& weight, at::Tensor const& x) 
               weight.scalar_type());
 }
 
-// A written tensor's rows must not overlap each other.
-void CheckRowsApart(char const* op, at::Tensor const& t, char const* name, int64_t stride) {
-  int64_t const hidden = t.size(-1);
-  TORCH_CHECK(t.numel() == hidden || stride >= hidden, op, "rows of ", name, " overlap (row stride ", stride,
-              " < hidden ", hidden, ")");
-}
-
 template <typename T>
 T const* In(at::Tensor const& t) {
   return reinterpret_cast<T const*>(t.const_data_ptr());
@@ -103,8 +96,7 @@ void rms_norm(at::Tensor const& x, at::Tensor const& weight, double eps, at::Ten
               ") cannot be viewed as one row dim; pass x.reshape(-1, hidden)");
   TORCH_CHECK(out_stride >= 0, "omni::rms_norm: the leading dims of out (shape ", out.sizes(), ", strides ",
               out.strides(), ") cannot be viewed as one row dim");
-  TORCH_CHECK(rows == 1 || out_stride >= hidden, "omni::rms_norm: rows of out overlap (row stride ", out_stride,
-              " < hidden ", hidden, ")");
+  omni::CheckRowsApart("omni::rms_norm: ", out, "out", out_stride);
   // In place (out is x) is safe: a block reads its whole row before the reduction's barrier and writes only what its
   // own threads read. A partial overlap would let one block write a row another block still reads.
   TORCH_CHECK(at::get_overlap_status(out, x) != at::MemOverlapStatus::Partial,
@@ -131,8 +123,8 @@ void add_rms_norm(at::Tensor const& x, at::Tensor const& residual, at::Tensor co
   int64_t const strides[] = {CheckedRowStride(op, x, "x", x), CheckedRowStride(op, residual, "residual", x),
                              CheckedRowStride(op, sum, "sum", x), CheckedRowStride(op, out, "out", x)};
   if (x.numel() == 0) return;
-  CheckRowsApart(op, sum, "sum", strides[2]);
-  CheckRowsApart(op, out, "out", strides[3]);
+  omni::CheckRowsApart(op, sum, "sum", strides[2]);
+  omni::CheckRowsApart(op, out, "out", strides[3]);
   omni::CheckNoOverlap(op, sum, "sum", x, "x");
   omni::CheckNoOverlap(op, sum, "sum", residual, "residual");
   omni::CheckNoOverlap(op, sum, "sum", weight, "weight");

@@ -44,7 +44,7 @@ void silu_mul(at::Tensor const& x, at::Tensor& out) {
   int64_t const out_stride = out.dim() >= 2 ? omni::RowStride(out) : cols;
   TORCH_CHECK(x_stride >= 0 && out_stride >= 0, op, "the leading dims of x and out (strides ", x.strides(), ", ",
               out.strides(), ") must each view as one row dim; pass them reshaped to (-1, last)");
-  TORCH_CHECK(rows == 1 || out_stride >= cols, op, "rows of out overlap (row stride ", out_stride, " < ", cols, ")");
+  omni::CheckRowsApart(op, out, "out", out_stride);
   omni::CheckNoOverlap(op, out, "out", x, "x");
 
   c10::cuda::CUDAGuard const guard(x.device());

@@ -6,6 +6,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 namespace omni {
 
 template <typename T>
@@ -25,6 +27,11 @@ template <>
 __device__ __forceinline__ __half FromFloat(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 FromFloat(float v) { return __float2bfloat16_rn(v); }
+
+// 16-byte vector loads and stores need 16-byte aligned addresses.
+__host__ __device__ __forceinline__ bool Aligned16(void const* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
 
 // N elements moved as one load/store; with sizeof(T) * N == 16 the compiler emits 128-bit ld/st.global.
 template <typename T, int N>

@@ -23,7 +23,6 @@
 #pragma once
 
 #include <omni/dtype.cuh>
-#include <omni/rms_norm.cuh>  // detail::Aligned16
 
 #include <climits>
 #include <cstdint>
@@ -175,11 +174,9 @@ cudaError_t QKNormRope(QKNormRopeParams<T> const& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(T);
   // 128-bit access needs every row start (and row + D/2) of every tensor on a 16-byte boundary.
-  bool const aligned =
-      detail::Aligned16(p.q) && detail::Aligned16(p.k) && detail::Aligned16(p.v) && detail::Aligned16(p.cos) &&
-      detail::Aligned16(p.sin) && detail::Aligned16(p.k_cache) && detail::Aligned16(p.v_cache) &&
-      detail::Aligned16(p.q_out) && (p.q_weight == nullptr || (detail::Aligned16(p.q_weight) &&
-                                                                 detail::Aligned16(p.k_weight)));
+  bool const aligned = Aligned16(p.q) && Aligned16(p.k) && Aligned16(p.v) && Aligned16(p.cos) && Aligned16(p.sin) &&
+                       Aligned16(p.k_cache) && Aligned16(p.v_cache) && Aligned16(p.q_out) &&
+                       (p.q_weight == nullptr || (Aligned16(p.q_weight) && Aligned16(p.k_weight)));
   int64_t const strides[] = {p.q_sb,   p.q_st,   p.q_sh,  p.k_sb,  p.k_st,  p.k_sh,  p.v_sb,  p.v_st,
                              p.v_sh,   p.cos_sb, p.cos_st, p.sin_sb, p.sin_st, p.kc_sb, p.kc_sh, p.kc_ss,
                              p.vc_sb,  p.vc_sh,  p.vc_ss, p.qo_sb, p.qo_sh, p.qo_st};

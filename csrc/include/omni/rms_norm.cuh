@@ -125,11 +125,6 @@ cudaError_t LaunchRMSNorm(NormRows<T> const& p, int rows, int hidden, float eps,
                           dim3(threads), args, 0, stream);
 }
 
-template <typename T>
-bool Aligned16(T const* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 // 128-bit access needs every row start and the weight on a 16-byte boundary.
 template <typename T>
 bool Vectorisable(NormRows<T> const& p, bool residual) {

@@ -112,8 +112,7 @@ cudaError_t RvqEmbedMean(Code const* codes, T const* table, T* out, int64_t batc
       batch * frames > INT_MAX)
     return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(T);
-  auto const aligned = [](void const* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  bool const vectorised = tab_h == 1 && out_h == 1 && aligned(table) && aligned(out) && tab_row % kVec == 0 &&
+  bool const vectorised = tab_h == 1 && out_h == 1 && Aligned16(table) && Aligned16(out) && tab_row % kVec == 0 &&
                           out_b % kVec == 0 && out_t % kVec == 0;
   auto const launch = vectorised ? rvq_detail::LaunchRvqEmbedMean<T, Code, kVec>
                                  : rvq_detail::LaunchRvqEmbedMean<T, Code, 1>;

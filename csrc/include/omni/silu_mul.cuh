@@ -66,8 +66,8 @@ cudaError_t SiluMul(T const* x, T* out, int64_t rows, int64_t cols, int64_t x_ro
   if (rows < 0 || cols < 0 || cols > INT_MAX / 2) return cudaErrorInvalidValue;
   constexpr int kVec = 16 / sizeof(T);
   // 128-bit access: both halves of every row and every output row on a 16-byte boundary
-  bool const vectorised = reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                          cols % kVec == 0 && x_row_stride % kVec == 0 && out_row_stride % kVec == 0;
+  bool const vectorised = Aligned16(x) && Aligned16(out) && cols % kVec == 0 && x_row_stride % kVec == 0 &&
+                          out_row_stride % kVec == 0;
   auto const launch = vectorised ? silu_detail::Launch<T, kVec> : silu_detail::Launch<T, 1>;
   return launch(x, out, rows, static_cast<int>(cols), x_row_stride, out_row_stride, stream);
 }
