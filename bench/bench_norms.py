@@ -6,9 +6,11 @@
 * ``add_rms_norm`` (CUDA ``omni::add_rms_norm``, the default on a GPU, and Triton: the residual add and the next
   norm in one pass, against the add then the CUDA rms_norm they replace, and the reference's add + rms_norm);
 * ``silu_mul`` (CUDA ``omni::silu_mul``, the default on a GPU, and Triton, on the fused gate/up GEMM's output,
-  against ``F.silu(gate) * up``).
+  against ``F.silu(gate) * up``);
+* ``moe_combine`` (CUDA ``omni::moe_combine``, the default on a GPU, and Triton: the MoE block's top-k sum and the
+  talker's gated shared expert, against the reference's sum, sigmoid, multiply and add).
 Hidden sizes are the thinker's (2048) and the talker's (1024); silu_mul's widths the code predictor's MLP (3072) and
-the talker's shared expert (768). The Triton ``add_rms_norm`` and ``silu_mul`` stay opt-in in the dispatch until
+the talker's shared expert (768). The Triton ``add_rms_norm``, ``silu_mul`` and ``moe_combine`` stay opt-in until
 this shows them faster than the defaults (the rule for every kernel not yet measured on a GPU). Same columns as
 bench_attention.py; writes bench/results/norms_<gpu>.json.
 """
@@ -92,6 +94,27 @@ def bench_silu_mul(table: Table, dtype, tokens):
             table.add("silu_mul", case, "torch ref", measure(lambda: silu_mul_ref(x), nbytes))
 
 
+def bench_moe_combine(table: Table, dtype, tokens):
+    from omni_kernels._extension import has_cuda_op
+    from omni_kernels.moe_combine import moe_combine_cuda, moe_combine_ref, moe_combine_triton
+
+    for top_k, hidden, with_shared in ((6, 1024, True), (8, 2048, False)):   # the talker's and the thinker's blocks
+        for t in tokens:
+            rows = torch.randn(t, top_k, hidden, device="cuda", dtype=dtype)
+            projected = torch.randn(t, 2 * 768 + 1, device="cuda", dtype=dtype)   # the shared expert's input GEMM
+            gate, shared = (projected[:, -1:], torch.randn(t, hidden, device="cuda", dtype=dtype)) if with_shared \
+                else (None, None)
+            nbytes = (top_k + 1 + with_shared) * t * hidden * rows.element_size()
+            case = {"T": t, "K": top_k, "H": hidden, "shared": with_shared}
+            ref = moe_combine_ref(rows, gate, shared).float()
+            for name, fn, runs in (("triton", moe_combine_triton, True),
+                                   ("cuda", moe_combine_cuda, has_cuda_op("moe_combine"))):   # cuda: the default
+                if runs:
+                    diff = (fn(rows, gate, shared).float() - ref).abs().max().item()
+                    table.add("moe_combine", case, name, measure(lambda: fn(rows, gate, shared), nbytes), diff)
+            table.add("moe_combine", case, "torch ref", measure(lambda: moe_combine_ref(rows, gate, shared), nbytes))
+
+
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
@@ -106,6 +129,7 @@ def main():
         bench_rms_norm(table, dtype, tokens)
         bench_add_rms_norm(table, dtype, tokens)
         bench_silu_mul(table, dtype, tokens)
+        bench_moe_combine(table, dtype, tokens)
     path = save("norms", {"bench": "norms", "env": env, "dtype": args.dtype, "peak_bytes_per_s": table.bw,
                           "rows": table.rows})
     print(f"saved {path}")

@@ -41,6 +41,8 @@ void causal_conv_transpose1d(at::Tensor const& x, at::Tensor const& weight, std:
 void moe_route(at::Tensor const& logits, int64_t top_k, bool renormalize, at::Tensor& weights, at::Tensor& ids);
 void fused_moe(at::Tensor const& x, at::Tensor const& router_logits, at::Tensor const& w_gate_up,
                at::Tensor const& w_down, int64_t top_k, bool renormalize, at::Tensor& out);
+void moe_combine(at::Tensor const& rows, std::optional<at::Tensor> const& gate,
+                 std::optional<at::Tensor> const& shared, at::Tensor& out);
 #endif
 
 TORCH_LIBRARY(omni, m) {
@@ -60,6 +62,7 @@ TORCH_LIBRARY(omni, m) {
   m.def("moe_route(Tensor logits, int top_k, bool renormalize, Tensor(a!) weights, Tensor(b!) ids) -> ()");
   m.def("fused_moe(Tensor x, Tensor router_logits, Tensor w_gate_up, Tensor w_down, int top_k, bool renormalize, "
         "Tensor(a!) out) -> ()");
+  m.def("moe_combine(Tensor rows, Tensor? gate, Tensor? shared, Tensor(a!) out) -> ()");
   m.def("code_predictor_frame(Tensor prefix, Tensor[] layers, Tensor final_norm, Tensor[] embeddings, "
         "Tensor[] heads, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, float eps, float temperature, "
         "int top_k, float top_p, Generator? generator, Tensor(a!) codes, Tensor(b!) embed_sum) -> ()");
@@ -86,6 +89,7 @@ TORCH_LIBRARY_IMPL(omni, CUDA, m) {
   m.impl("causal_conv_transpose1d", &causal_conv_transpose1d);
   m.impl("moe_route", &moe_route);
   m.impl("fused_moe", &fused_moe);
+  m.impl("moe_combine", &moe_combine);
 }
 #endif
 

@@ -53,7 +53,7 @@ def cpu_runs(name: str):
 def _register_fakes() -> None:
     # Ops that write into preallocated outputs return nothing; their fakes only need to exist for tracing.
     for name in ("rms_norm", "add_rms_norm", "silu_mul", "qk_norm_rope", "decode_attention", "rvq_embed_mean",
-                 "causal_conv1d", "causal_conv_transpose1d", "moe_route", "fused_moe", "code_predictor_frame",
-                 "decoder_step"):
+                 "causal_conv1d", "causal_conv_transpose1d", "moe_route", "fused_moe", "moe_combine",
+                 "code_predictor_frame", "decoder_step"):
         if hasattr(torch.ops.omni, name):
             torch.library.register_fake(f"omni::{name}")(lambda *args, **kwargs: None)

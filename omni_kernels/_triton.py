@@ -35,10 +35,21 @@ except ImportError:  # the decorators become no-ops so kernel modules still impo
     libdevice = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# whether torch_exp can be libdevice's expf: on a GPU with libdevice, not in the interpreter (it has none)
+ACCURATE_EXP = libdevice is not None and not INTERPRET
+
+
+@triton.jit
+def torch_exp(x, ACCURATE: tl.constexpr):
+    """exp as torch's CUDA kernels compute it: libdevice's expf (tl.exp is the fast ex2 approximation); the
+    interpreter computes it in numpy. Pass ``ACCURATE_EXP``."""
+    if ACCURATE:
+        return libdevice.exp(x)
+    return tl.exp(x)
 
 
 def triton_runs(device: torch.device) -> bool:
     return HAS_TRITON and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
 
 
-__all__ = ["HAS_TRITON", "INTERPRET", "libdevice", "tl", "triton", "triton_runs"]
+__all__ = ["ACCURATE_EXP", "HAS_TRITON", "INTERPRET", "libdevice", "tl", "torch_exp", "triton", "triton_runs"]

@@ -13,8 +13,9 @@ A kernel registered with ``opt_in=True`` is never chosen by that search: only fo
 globally, ``set_backend``/``use_backend``/the environment variable) selects it. Kernels that have not yet been
 measured on a GPU against the current default are registered that way, so that a build does not make them the
 default unseen. (The exception: a kernel that does the default's own arithmetic in fewer launches and passes over
-memory, the same family of kernel, as ``omni::add_rms_norm`` does for the add and ``omni::rms_norm``, and
-``omni::silu_mul`` for torch's SiLU and multiply.)
+memory, the same family of kernel, as ``omni::add_rms_norm`` does for the add and ``omni::rms_norm``,
+``omni::silu_mul`` for torch's SiLU and multiply, and ``omni::moe_combine`` for the MoE block's sum, sigmoid,
+multiply and add.)
 
 The reference (``torch``) runs everywhere, so every op always has an implementation. Selection happens in Python
 before the torch dispatcher, so ``torch.compile`` and CUDA-graph capture see only the chosen kernel.

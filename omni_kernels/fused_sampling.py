@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import torch
 
-from omni_kernels._triton import INTERPRET, libdevice, tl, triton, triton_runs
+from omni_kernels._triton import ACCURATE_EXP, tl, torch_exp, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
 from omni_kernels.sampling import penalised_logits, sample_ref, sample_rows_ref, warped_probs
 
 # One program holds its row in registers: on sm_90, 8192 fp32 over 16 warps take 107 registers a thread, no spills;
 # 16384 spills even over 32 warps (compiled with triton 3.7, cuobjdump --dump-resource-usage).
 MAX_FUSED_VOCAB = 8192
-ACCURATE_EXP = libdevice is not None and not INTERPRET
 
 
 def sample_draw_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -64,18 +63,9 @@ def _order_key(x):
 
 
 @triton.jit
-def _exp(x, ACCURATE: tl.constexpr):
-    # libdevice's expf, torch's softmax exponential on a GPU (tl.exp is the fast ex2 approximation); the interpreter
-    # has no libdevice and computes exp in numpy
-    if ACCURATE:
-        return libdevice.exp(x)
-    return tl.exp(x)
-
-
-@triton.jit
 def _softmax(x, ACCURATE: tl.constexpr):
     """softmax over the row as torch computes it: exp(x - max) / sum, the division correctly rounded."""
-    e = _exp(x - tl.max(x, axis=0), ACCURATE)     # 0 where masked (-inf)
+    e = torch_exp(x - tl.max(x, axis=0), ACCURATE)     # 0 where masked (-inf)
     return tl.math.div_rn(e, tl.full(e.shape, 1.0, tl.float32) * tl.sum(e, axis=0))
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omni_kernels._extension import cuda_runs
 from omni_kernels._triton import INTERPRET, tl, triton, triton_runs
 from omni_kernels.dispatch import REGISTRY, everywhere
+from omni_kernels.moe_combine import moe_combine
 from omni_kernels.silu_mul import silu_mul
 
 
@@ -99,20 +100,21 @@ def shared_expert_ref(x: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
     return torch.sigmoid(F.linear(x, shared.gate)) * mlp
 
 
-def shared_expert(x: torch.Tensor, shared: SharedExpert) -> torch.Tensor:
-    """``shared_expert_ref``'s math and elementwise roundings, its three input projections as one GEMM when
-    ``shared.fused`` is given (4 launches at decode, not 8; a GPU GEMM of other rows may block, and so round,
+def shared_expert_parts(x: torch.Tensor, shared: SharedExpert) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (T, H) -> the shared expert's gate logits (T, 1) and its MLP's output (T, H), with ``shared_expert_ref``'s
+    math and roundings; ``moe_combine`` applies the gate. The three input projections are one GEMM when
+    ``shared.fused`` is given (3 launches at decode, not 6; a GPU GEMM of other rows may block, and so round,
     differently). A traced call (torch.compile) drops ``fused``: the custom op takes the four weights."""
     if shared.fused is None:
-        return shared_expert_ref(x, shared)
+        up = F.silu(F.linear(x, shared.gate_proj)) * F.linear(x, shared.up_proj)
+        return F.linear(x, shared.gate), F.linear(up, shared.down_proj)
     inter, hidden = shared.gate_proj.shape
     fused = shared.fused
     if fused.shape != (2 * inter + 1, hidden) or fused.dtype != x.dtype or fused.device != x.device:
         raise ValueError(f"shared expert: fused input weight {tuple(fused.shape)} {fused.dtype} {fused.device} "
                          f"does not stack gate_proj, up_proj and gate {(2 * inter + 1, hidden)} {x.dtype} {x.device}")
     projected = F.linear(x, fused)                                                 # [T, 2 Is + 1]
-    mlp = F.linear(silu_mul(projected[:, :2 * inter]), shared.down_proj)
-    return torch.sigmoid(projected[:, 2 * inter:]) * mlp
+    return projected[:, 2 * inter:], F.linear(silu_mul(projected[:, :2 * inter]), shared.down_proj)
 
 
 def fused_moe_ref(x, router_weight, w_gate_up, w_down, top_k, renormalize, shared=None) -> torch.Tensor:
@@ -187,7 +189,8 @@ def fused_moe(
 #   down:     rows[p] = w_p * (h[p] W_down_e^T), written to [T, K, H] then summed over K by torch: deterministic and
 #             the reference's combine exactly (an fp32 atomic combine needs a zeroed buffer, a cast, and adds in any
 #             order); the extra traffic (T*K*H each way) is <1% of the weight bytes at 64 tokens, ~20% at 4096
-#             where the GEMMs are compute-bound
+#             where the GEMMs are compute-bound. With the talker's shared expert, moe_combine sums them and adds
+#             the gated shared expert in one kernel (the reference: sum, sigmoid, multiply, add)
 # Rounding mirrors the reference: gate, up, silu, the product, y and w*y are each rounded to the model dtype; the K
 # rows are summed in fp32 in rank order (torch's sum), so the combine is bit-identical given the same rows.
 DECODE_MAX_TOKENS = 16
@@ -667,8 +670,8 @@ def fused_moe_triton(x, router_weight, w_gate_up, w_down, top_k, renormalize, sh
     config = config or moe_launch_config(num_tokens, top_k, num_experts, inter, hidden, x.dtype, x.device)
     rows = moe_decode_rows(ids) if decode else moe_align(ids, num_experts, config["BLOCK_M"])
     h = moe_gate_up(x, w_gate_up, rows, config["gate_up"])
-    out = moe_down(h, w_down, weights, rows, config["down"]).view(num_tokens, top_k, hidden).sum(dim=1)
-    return out if shared is None else out + shared_expert(x, shared)
+    out = moe_down(h, w_down, weights, rows, config["down"]).view(num_tokens, top_k, hidden)
+    return out.sum(dim=1) if shared is None else moe_combine(out, *shared_expert_parts(x, shared))
 
 
 REGISTRY.register("fused_moe", "triton", triton_runs)(
@@ -678,7 +681,8 @@ REGISTRY.register("fused_moe", "triton", triton_runs)(
 # ============================================================================================================== CUDA
 # torch.ops.omni.fused_moe (csrc/include/omni/moe.cuh): the routing kernel, the decode GEMVs (<= 16 tokens, no sort)
 # or the on-device align + grouped GEMMs (tensor cores for fp16/bf16), and the combine, with the reference's
-# roundings; the router GEMM stays on F.linear (the reference's call) and the shared expert on shared_expert.
+# roundings; the router GEMM stays on F.linear (the reference's call), the shared expert on shared_expert_parts
+# and moe_combine.
 CUDA_MAX_EXPERTS = 1024
 
 
@@ -692,7 +696,8 @@ def fused_moe_cuda(x, router_weight, w_gate_up, w_down, top_k, renormalize, shar
     out = x.new_empty(num_tokens, hidden)
     if num_tokens > 0:
         torch.ops.omni.fused_moe(x, F.linear(x, router_weight), w_gate_up, w_down, top_k, renormalize, out)
-    return out if shared is None else out + shared_expert(x, shared)
+    # the routed experts come summed: one row each to combine with the gated shared expert
+    return out if shared is None else moe_combine(out.unsqueeze(1), *shared_expert_parts(x, shared))
 
 
 def moe_route_cuda(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

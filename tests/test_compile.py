@@ -65,6 +65,7 @@ def test_decode_attention_and_norm_fusions_compile():
     x, r, w = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32)
     check(lambda x, r, w: ok.add_rms_norm(x, r, w, 1e-6), x, r, w)
     check(ok.silu_mul, torch.randn(3, 2 * 24))
+    check(ok.moe_combine, torch.randn(3, 6, 32), torch.randn(3, 1), torch.randn(3, 32))
 
 
 def test_triton_custom_ops_trace_in_the_interpreter():

@@ -92,11 +92,12 @@ def test_matches_reference(T, E, top_k, renormalize, is_strided, dtype, ulps):
 @pytest.mark.parametrize("dtype, ulps", DTYPES)
 @pytest.mark.parametrize("fused", [False, True], ids=["three input GEMMs", "one fused input GEMM"])
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_talker_shared_expert(T, fused, dtype, ulps):
+@pytest.mark.parametrize("combine", [None, "triton"], ids=["default combine", "triton combine"])
+def test_talker_shared_expert(T, fused, combine, dtype, ulps):
     x, router, gate_up, down, shared = moe_inputs(T, 128, 6, 40, 24, dtype, shared_inter=56, seed=1)
     if fused:   # as fuse_projections lays it out: gate_proj, up_proj, gate rows of one weight
         shared = shared._replace(fused=torch.cat([shared.gate_proj, shared.up_proj, shared.gate]))
-    with ok.use_backend("triton", op="fused_moe"):
+    with ok.use_backend("triton", op="fused_moe"), ok.use_backend(combine, op="moe_combine"):
         out = ok.fused_moe(strided(x), router, gate_up, down, 6, True, shared=shared)
     assert_ulps(out, ok.fused_moe_ref(x, router, gate_up, down, 6, True, shared), ulps)
 

@@ -237,11 +237,15 @@ def moe_weights(E, H, inter, dtype, shared_inter=0):
 @pytest.mark.parametrize("T", [1, 7, 129])
 def test_shared_expert_with_one_input_gemm_equals_three(T, dtype, atol, rtol):
     # the GPU runtime's layout (fuse_projections): gate_proj, up_proj and the sigmoid gate as rows of one weight
-    from omni_kernels.moe import shared_expert, shared_expert_ref
+    from omni_kernels.moe import shared_expert_parts, shared_expert_ref
     _, _, _, shared = moe_weights(8, 48, 24, dtype, shared_inter=40)
     fused = shared._replace(fused=torch.cat([shared.gate_proj, shared.up_proj, shared.gate]))
     x = strided(torch.randn(T, 48).to(dtype))
-    torch.testing.assert_close(shared_expert(x, fused), shared_expert_ref(x, shared), atol=atol, rtol=rtol)
+    gate, mlp = shared_expert_parts(x, fused)
+    assert gate.shape == (T, 1) and mlp.shape == (T, 48)
+    torch.testing.assert_close(torch.sigmoid(gate) * mlp, shared_expert_ref(x, shared), atol=atol, rtol=rtol)
+    gate, mlp = shared_expert_parts(x, shared)   # three input GEMMs: the reference's own calls
+    assert torch.equal(torch.sigmoid(gate) * mlp, shared_expert_ref(x, shared))
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
